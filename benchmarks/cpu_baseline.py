@@ -1,0 +1,77 @@
+"""CPU figures for the README, in one invocation on one machine (figures, not a test).
+
+    MNIST_DATA_DIR=../shared/data python benchmarks/cpu_baseline.py [--seeds 3] [--skip-notebook]
+
+1. The original notebook pipeline: DataLoader + ToTensor + the seed CNN, Adam 1e-4, batch 128,
+   7 epochs (`--recipe seed --loader dataloader --num-workers 0`).
+2. Our default recipe (one epoch, data held as tensors), over several seeds (median reported).
+3. Throughput of 1 rank x 2 threads vs 2 ranks x 1 thread (torchrun, gloo), same global batch.
+
+Every run is a real `train_ddp.py` process; figures come from its summary.json / metrics.jsonl.
+Training seconds exclude start-up and evaluation (the loop is timed with synchronisation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_job(out: Path, *args: str, nproc: int = 0) -> dict:
+    launcher = [sys.executable]
+    if nproc:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*launcher, str(REPO / "train_ddp.py"), "--no-progress", "--out-dir", str(out), *args]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    summary = json.loads((out / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary["images_per_second"] = statistics.mean(m["images_per_second"] for m in metrics)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds for the default recipe")
+    parser.add_argument("--skip-notebook", action="store_true", help="skip the ~3.5 min notebook run")
+    args = parser.parse_args()
+    if not os.environ.get("MNIST_DATA_DIR"):
+        sys.exit("set MNIST_DATA_DIR to a directory holding MNIST/raw")
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        notebook = None
+        if not args.skip_notebook:
+            notebook = run_job(tmp / "notebook", "--recipe", "seed", "--loader", "dataloader",
+                               "--num-workers", "0")
+            rows.append(("notebook pipeline (seed CNN, DataLoader, 7 ep)", notebook))
+        fast = [run_job(tmp / f"fast{s}", "--seed", str(s)) for s in range(args.seeds)]
+        for s, r in enumerate(fast):
+            rows.append((f"default recipe, seed {s} (1 epoch)", r))
+        one_by_two = run_job(tmp / "1x2", "--threads", "2")
+        two_by_one = run_job(tmp / "2x1", nproc=2)
+
+    print(f"\n{'run':52s} {'train s':>8s} {'test acc':>9s} {'img/s':>8s}")
+    for name, r in rows:
+        print(f"{name:52s} {r['train_seconds']:8.1f} {r['test_accuracy']:9.2%} {r['images_per_second']:8.0f}")
+    med_acc = statistics.median(r["test_accuracy"] for r in fast)
+    med_s = statistics.median(r["train_seconds"] for r in fast)
+    print(f"\ndefault recipe: median test accuracy {med_acc:.2%}, median training {med_s:.1f} s")
+    if notebook:
+        print(f"notebook / default training time: {notebook['train_seconds'] / med_s:.1f}x "
+              f"(target >= 20x); notebook accuracy {notebook['test_accuracy']:.2%} (target >= 97.9%)")
+    ratio = two_by_one["images_per_second"] / one_by_two["images_per_second"]
+    print(f"throughput: 1 rank x 2 threads {one_by_two['images_per_second']:.0f} img/s, "
+          f"2 ranks x 1 thread {two_by_one['images_per_second']:.0f} img/s -> {ratio:.2f}x (target >= 0.95x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""``python -m mnist_dist [train|evaluate|download] ...``"""
+
+from .cli import main
+
+raise SystemExit(main())

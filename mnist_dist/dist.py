@@ -1,0 +1,153 @@
+"""Distributed setup in one audited place: who am I, which device, which backend.
+
+Works in three situations:
+  * ``python train_ddp.py``: no launcher variables, no process group, world size 1;
+  * ``torchrun`` (any number of nodes): RANK / LOCAL_RANK / WORLD_SIZE / LOCAL_WORLD_SIZE are set;
+  * anything else that sets the same variables (``accelerate launch``, ``srun`` + torchrun).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int  # global rank, 0 .. world_size-1
+    local_rank: int  # rank on this node; also the CUDA device index
+    world_size: int  # processes in the job
+    local_world_size: int  # processes on this node
+    device: torch.device  # cuda:LOCAL_RANK or cpu
+    backend: str | None  # nccl / gloo when a process group exists, None for a plain run
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+    def barrier(self) -> None:
+        if not self.distributed:
+            return
+        if self.backend == "nccl":
+            dist.barrier(device_ids=[self.device.index])
+        else:
+            dist.barrier()
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise UserError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def launcher_world() -> tuple[int, int, int, int]:
+    """(rank, local_rank, world_size, local_world_size) as set by torchrun, or a single process."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size if "LOCAL_RANK" in os.environ else 1)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UserError(f"inconsistent launcher environment: RANK={rank} WORLD_SIZE={world_size}")
+    if not 0 <= local_rank < max(local_world_size, 1):
+        raise UserError(
+            f"inconsistent launcher environment: LOCAL_RANK={local_rank} "
+            f"LOCAL_WORLD_SIZE={local_world_size}"
+        )
+    return rank, local_rank, world_size, local_world_size
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def usable_cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def pick_device(requested: str, local_rank: int, local_world_size: int) -> torch.device:
+    cuda = torch.cuda.is_available()
+    if requested == "cuda" and not cuda:
+        raise UserError("--device cuda was requested but CUDA is not available on this machine")
+    if requested == "cpu" or not cuda:
+        return torch.device("cpu")
+    visible = torch.cuda.device_count()
+    if local_world_size > visible:
+        raise UserError(
+            f"{local_world_size} processes on this node but only {visible} visible GPU(s); "
+            f"use --nproc_per_node={visible} or fewer (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')})"
+        )
+    return torch.device("cuda", local_rank)  # the LOCAL rank, never the global one
+
+
+def pick_backend(requested: str, device: torch.device) -> str:
+    if requested == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if requested == "nccl" and device.type != "cuda":
+        raise UserError("--backend nccl needs CUDA devices; use gloo (or auto) on the CPU")
+    return requested
+
+
+def setup(backend: str = "auto", device: str = "auto", timeout_s: float = 300.0,
+          threads: int = 0) -> DistEnv:
+    """Read the launcher's environment, pick device and backend, join the process group."""
+    rank, local_rank, world_size, local_world_size = launcher_world()
+    dev = pick_device(device, local_rank, local_world_size)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    torch.set_num_threads(threads or max(1, usable_cpu_count() // max(local_world_size, 1)))
+
+    chosen_backend: str | None = None
+    if launched_by_torchrun():
+        chosen_backend = pick_backend(backend, dev)
+        if not dist.is_initialized():
+            dist.init_process_group(
+                backend=chosen_backend,
+                init_method="env://",
+                timeout=datetime.timedelta(seconds=timeout_s),
+                device_id=dev if chosen_backend == "nccl" else None,
+            )
+    elif world_size > 1:
+        raise UserError("WORLD_SIZE > 1 but MASTER_ADDR is not set; launch with torchrun")
+    return DistEnv(rank, local_rank, world_size, local_world_size, dev, chosen_backend)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def main_process_first(env: DistEnv, local: bool = True) -> Iterator[None]:
+    """The (local) main process runs the block first; the others enter once it has finished."""
+    is_first = env.is_local_main if local else env.is_main
+    if not is_first:
+        env.barrier()
+    try:
+        yield
+    finally:
+        if is_first:
+            env.barrier()

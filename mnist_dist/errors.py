@@ -1,0 +1,14 @@
+"""The one exception type that means "the user asked for something we cannot do".
+
+Raised anywhere, caught once in the CLI: printed as a single ``error: ...`` line
+(prefixed with the rank under a launcher) and turned into exit code 2, never a traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad input: a flag, a file or an environment the job cannot work with."""
+
+
+# Exit codes of the CLI (documented in the README).
+EXIT_OK = 0
+EXIT_USER_ERROR = 2

@@ -1,0 +1,74 @@
+"""Plain nn.Modules. Nothing here knows about ranks, devices or process groups."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class SeedCNN(nn.Sequential):
+    """The original notebook's network, layer for layer.
+
+    Three 3x3 convolutions (32, 16, 8 channels, no padding) with ReLU, one 2x2 max-pool,
+    then Linear 968 -> 512 -> 128 -> 10 with no activation between the linear layers.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            nn.Conv2d(1, 32, kernel_size=3, stride=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 16, kernel_size=3, stride=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 8, kernel_size=3, stride=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(968, 512),
+            nn.Linear(512, 128),
+            nn.Linear(128, 10),
+        )
+
+
+class FastCNN(nn.Sequential):
+    """Our default: two convolutions and one hidden layer; >= 99% after one epoch."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            nn.Conv2d(1, 24, kernel_size=5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(24, 32, kernel_size=3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 5 * 5, 256),
+            nn.ReLU(),
+            nn.Linear(256, 10),
+        )
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "seed": SeedCNN,
+    "fast": FastCNN,
+}
+
+
+def build_model(name: str) -> nn.Module:
+    return MODELS[name]()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip leading ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes, in any nesting."""
+    prefixes = ("module.", "_orig_mod.")
+    cleaned = {}
+    for key, value in state.items():
+        while key.startswith(prefixes):
+            key = key.split(".", 1)[1]
+        cleaned[key] = value
+    return cleaned

@@ -1,0 +1,134 @@
+"""The run directory: the files other tools read. Written by global rank 0 only.
+
+    config.json      resolved config, world size, versions, hostnames
+    metrics.jsonl    one JSON object per epoch
+    summary.json     final accuracy, counts, per-class accuracy, world size, train seconds
+    model.pt         final weights: a plain state_dict (no ``module.`` / ``_orig_mod.`` prefixes)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+from .models import MODELS, build_model, clean_state_dict
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+WEIGHTS_FILE = "model.pt"
+
+
+def default_run_dir() -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / stamp
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = Path(f"{base}-{n}")
+    return str(candidate)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name, fsync, then rename: readers never see a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+class RunDir:
+    """Writes a run directory; every method is a no-op on ranks other than 0."""
+
+    def __init__(self, path: str | os.PathLike, enabled: bool) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def create(self) -> None:
+        if not self.enabled:
+            return
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(f"cannot write to --out-dir {self.path}: {exc.strerror or exc}") from None
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        if self.enabled:
+            atomic_write_json(self.path / CONFIG_FILE, config)
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path / METRICS_FILE, "a") as fh:
+                fh.write(json.dumps(record, sort_keys=True) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        if self.enabled:
+            atomic_write_json(self.path / SUMMARY_FILE, summary)
+
+    def save_weights(self, model: torch.nn.Module) -> None:
+        if not self.enabled:
+            return
+        state = clean_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        tmp = self.path / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
+        torch.save(state, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path / WEIGHTS_FILE)
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(run_dir) / CONFIG_FILE
+    if not Path(run_dir).is_dir():
+        raise UserError(f"run directory {run_dir} does not exist")
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: not a run directory written by mnist-dist") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise UserError(f"{path} has no 'config' object: not a run directory written by mnist-dist")
+    return data
+
+
+def load_run_model(run_dir: str | os.PathLike, map_location: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The run's model with its final weights loaded, plus the run's resolved config."""
+    config = read_run_config(run_dir)["config"]
+    name = config.get("model")
+    if name not in MODELS:
+        raise UserError(f"run directory {run_dir} names unknown model {name!r}")
+    path = Path(run_dir) / WEIGHTS_FILE
+    if not path.is_file():
+        raise UserError(f"weights file {path} is missing (did the run finish?)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"weights file {path} is corrupt or unreadable: {reason}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"weights file {path} does not hold a state_dict")
+    model = build_model(name)
+    try:
+        model.load_state_dict(clean_state_dict(state), strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise UserError(f"weights file {path} does not match model {name!r}: {detail}") from None
+    return model.to(map_location), config

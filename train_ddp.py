@@ -1,0 +1,32 @@
+"""Train a CNN on MNIST with DistributedDataParallel (or as one plain process).
+
+    python train_ddp.py                                         # one process, CPU or cuda:0
+    torchrun --standalone --nproc_per_node=4 train_ddp.py       # 4 ranks on this machine
+    torchrun --nnodes=2 --node_rank=R --nproc_per_node=4 \\
+        --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT train_ddp.py   # on each of 2 nodes
+    sbatch slurm/train.sbatch                                   # SLURM, 1..N nodes
+
+Flags: `python train_ddp.py --help`. Same as `mnist-dist train` / `python -m mnist_dist train`.
+"""
+
+import sys
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from mnist_dist import dist
+from mnist_dist.cli import guarded, parse_train_args
+from mnist_dist.train import fit
+
+
+@record  # a failing rank's traceback is written for torchrun to report with its rank
+def main() -> None:
+    cfg = parse_train_args(sys.argv[1:])  # parse (and validate before any collective)
+    env = dist.setup(cfg.backend, cfg.device, cfg.dist_timeout, cfg.threads)  # set up
+    try:
+        fit(cfg, env)  # train
+    finally:
+        dist.teardown()  # tear down, also on error
+
+
+if __name__ == "__main__":
+    sys.exit(guarded(main))
