@@ -59,6 +59,18 @@ class TrainConfig:
     out_dir: str = _f("", "run directory; empty = runs/<timestamp>")
     log_every: int = _f(50, "optimizer steps between progress-bar loss updates (each is one sync)")
     progress: bool = _f(True, "tqdm bar on rank 0 (also off when stderr is not a terminal)")
+    # --- tracking, pictures, export (mnist_dist/tracking.py, plots.py, export.py) ---
+    wandb: bool = _f(False, "log to Weights & Biases from global rank 0 (needs the `track` extra)")
+    wandb_mode: str = _f("", "online | offline | disabled; empty = $WANDB_MODE, else online "
+                             "(online without an API key falls back to offline)")
+    wandb_project: str = _f("", "wandb project; empty = $WANDB_PROJECT, else mnist-dist")
+    wandb_entity: str = _f("", "wandb entity (user or team); empty = $WANDB_ENTITY / wandb's default")
+    wandb_name: str = _f("", "wandb run name; empty = $WANDB_NAME, else the run directory's name")
+    wandb_group: str = _f("", "wandb run group; empty = $WANDB_RUN_GROUP")
+    wandb_tags: str = _f("", "comma-separated wandb tags; empty = $WANDB_TAGS")
+    wandb_every: int = _f(50, "optimizer steps between logged loss/lr points (each is one host sync)")
+    plots: bool = _f(True, "write curves.png, confusion_matrix.png/.json, mistakes.png (needs matplotlib)")
+    export: bool = _f(True, "write model.pt2: a torch.export program with the input normalisation")
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -141,3 +153,6 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
         raise UserError(f"--threads must be >= 0, got {cfg.threads}")
     if cfg.log_every <= 0:
         raise UserError(f"--log-every must be positive, got {cfg.log_every}")
+    from .tracking import validate_tracking  # --wandb-* flags and the optional packages they need
+
+    validate_tracking(cfg)

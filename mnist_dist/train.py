@@ -12,7 +12,7 @@ import random
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,8 @@ from .errors import UserError
 from .metrics import EvalResult, TrainSums, evaluate
 from .models import build_model, count_parameters
 from .outputs import RunDir
+from .report import write_final_outputs
+from .tracking import Tracker
 
 
 # ----------------------------------------------------------------------------- precision
@@ -123,6 +125,7 @@ class Trainer:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     global_step: int = 0
+    tracker: Tracker = field(default_factory=Tracker)  # wandb on rank 0, else a no-op
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, sums: TrainSums) -> torch.Tensor:
         with self.precision.autocast():
@@ -153,6 +156,7 @@ class Trainer:
                 break
             loss = self.train_step(x, y, sums)
             bar.update(1)
+            self.tracker.log_step(self.global_step, loss, self.optimizer)  # syncs only when wandb is on
             if show_progress and (step + 1) % self.cfg.log_every == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
         synchronize(self.env.device)
@@ -246,6 +250,7 @@ def fit(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     trainer = build_trainer(cfg, env)
     meta = run_metadata(trainer)  # a collective (hostnames): every rank calls it
     run.write_config(meta)
+    trainer.tracker = Tracker.start(cfg, env, meta, cfg.out_dir)
     log(env, f"run dir {cfg.out_dir}: model {cfg.model} ({meta['parameters']:,} parameters), "
              f"world size {env.world_size}, {env.device}, backend {env.backend or 'none'}, "
              f"amp {trainer.precision.name}, global batch {cfg.batch_size}")
@@ -272,6 +277,7 @@ def fit(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
             "lr": trainer.optimizer.param_groups[0]["lr"],
         }
         run.append_metrics(record)
+        trainer.tracker.log_epoch(record, trainer.global_step)
         log(env, f"epoch {epoch + 1}/{cfg.epochs}  train_loss {loss:.4f}  train_acc {accuracy:.2%}  "
                  f"test_loss {test.loss:.4f}  test_acc {test.accuracy:.2%} "
                  f"({test.correct}/{test.total})  {record['images_per_second']:,.0f} img/s  "
@@ -294,6 +300,8 @@ def fit(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     }
     run.save_weights(trainer.model)
     run.write_summary(summary)
+    write_final_outputs(trainer, cfg.out_dir)  # pictures, confusion_matrix.json, model.pt2
+    trainer.tracker.finish(summary, cfg.out_dir)
     log(env, f"done: test accuracy {test.accuracy:.2%} ({test.correct}/{test.total}) in "
              f"{train_seconds:.1f}s of training; summary in {run.path / 'summary.json'}")
     return summary
