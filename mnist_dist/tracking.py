@@ -28,7 +28,7 @@ from .errors import UserError
 
 WANDB_MODES = ("online", "offline", "disabled")
 DEFAULT_PROJECT = "mnist-dist"
-INIT_TIMEOUT_S = 60.0
+INIT_TIMEOUT_S = 60.0  # seconds wandb.init may try to reach the server; $WANDB_INIT_TIMEOUT overrides
 
 
 def validate_tracking(cfg) -> None:
@@ -120,7 +120,8 @@ class Tracker:
             id=resume_id,
             resume="allow" if resume_id else None,
         )
-        settings = dict(init_timeout=INIT_TIMEOUT_S, console="off", x_disable_stats=True)
+        settings = dict(init_timeout=_float_env("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_S), console="off", x_disable_stats=True,
+                        quiet=True)
         try:
             run = wandb.init(mode=mode, settings=wandb.Settings(**settings), **kwargs)
         except Exception as exc:  # network down, server error, bad entity: never stop training
@@ -135,7 +136,9 @@ class Tracker:
                 return cls()
         run.define_metric("global_step")
         run.define_metric("*", step_metric="global_step")
-        print(f"wandb: run {run.id} ({mode}) in {run.dir}", flush=True)
+        where = Path(run.dir).parent
+        hint = f"; upload later with `wandb sync {where}`" if run.settings.mode == "offline" else ""
+        print(f"wandb: run {run.id} ({run.settings.mode}) in {where}{hint}", flush=True)
         return cls(run, cfg.wandb_every)
 
     # ------------------------------------------------------------------ logging
@@ -190,6 +193,13 @@ class Tracker:
 
 
 PICTURES = ("curves.png", "confusion_matrix.png", "mistakes.png")
+
+
+def _float_env(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name) or default)
+    except ValueError:
+        return default
 
 
 def _reason(exc: BaseException) -> str:
