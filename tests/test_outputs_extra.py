@@ -220,3 +220,32 @@ def test_run_dir_commands_bad_input(command, needle):
     proc = python("-m", "mnist_dist", *command, timeout=120)
     assert proc.returncode == 2
     assert_one_line_error(proc, needle)
+
+
+PREDICT_UNDER_TORCHRUN = textwrap.dedent("""
+    import json, sys
+    from mnist_dist import data, dist
+    from mnist_dist.outputs import load_run_model
+    from mnist_dist.report import confusion, test_predictions
+
+    run, root = sys.argv[1], sys.argv[2]
+    env = dist.setup("gloo", "cpu", 120.0)
+    try:
+        model, config = load_run_model(run)
+        images, labels = data.load_split(root, train=False)
+        predicted = test_predictions(model, data.to_float(images, config["normalize"]), env, 1000)
+        if env.is_main:
+            print(json.dumps(confusion(labels, predicted)))
+    finally:
+        dist.teardown()
+""")
+
+
+def test_confusion_predictions_are_exact_at_world_size_3(trained_run, mnist_root, tmp_path):
+    """10,000 does not divide by 3: contiguous shards + all_reduce still give every prediction once."""
+    from conftest import torchrun
+
+    script = tmp_path / "predict_ws3.py"
+    script.write_text(PREDICT_UNDER_TORCHRUN)
+    proc = ok(torchrun(3, str(script), str(trained_run), str(mnist_root), timeout=240))
+    assert read_json_line(proc.stdout) == read_json(trained_run / "confusion_matrix.json")
