@@ -236,6 +236,9 @@ PREDICT_UNDER_TORCHRUN = textwrap.dedent("""
         predicted = test_predictions(model, data.to_float(images, config["normalize"]), env, 1000)
         if env.is_main:
             print(json.dumps(confusion(labels, predicted)))
+        # all ranks done before destroying the group: without this barrier, gloo's exit aborted a rank
+        # (SIGABRT, "terminate called without an active exception") in ~1 of 5 runs here
+        env.barrier()
     finally:
         dist.teardown()
 """)
