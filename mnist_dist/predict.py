@@ -7,14 +7,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from .errors import UserError
 
 EXIT_SOME_FILES_FAILED = 1
 
 
 def predict_command(argv: Sequence[str]) -> int:
+    import torch
+
     from .export import load_classifier
     from .images import POLARITIES, ImageError, load_digit
 
