@@ -24,6 +24,7 @@ def main() -> None:
     env = dist.setup(cfg.backend, cfg.device, cfg.dist_timeout, cfg.threads)  # set up
     try:
         fit(cfg, env)  # train
+        env.barrier()  # every rank done with its last collective before the group goes away
     finally:
         dist.teardown()  # tear down, also on error
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 from .config import RECIPES, TrainConfig, resolve_config, validate_config
 from .errors import EXIT_STOPPED, EXIT_USER_ERROR, StopTraining, UserError
 
-SUBCOMMANDS = ("train", "evaluate", "download")
+SUBCOMMANDS = ("train", "evaluate", "download", "plot", "predict", "export")
 
 # fields whose flag differs from --field-name or that need special handling
 _NEGATIVE_FLAGS = {"download": "--no-download", "progress": "--no-progress"}
@@ -92,6 +92,7 @@ def train_command(argv: Sequence[str]) -> int:
     env = dist.setup(cfg.backend, cfg.device, cfg.dist_timeout, cfg.threads)
     try:
         fit(cfg, env)
+        env.barrier()  # every rank done with its last collective before the group goes away
     finally:
         dist.teardown()
     return 0
@@ -138,6 +139,7 @@ def evaluate_command(argv: Sequence[str]) -> int:
                 "world_size": env.world_size,
                 "run_dir": str(args.run_dir),
             }, sort_keys=True), flush=True)
+        env.barrier()
     finally:
         dist.teardown()
     return 0
@@ -160,10 +162,17 @@ def download_command(argv: Sequence[str]) -> int:
     return 0
 
 
+def _run_dir_commands() -> dict[str, Callable[[Sequence[str]], int]]:
+    from .predict import export_command, plot_command, predict_command
+
+    return {"plot": plot_command, "predict": predict_command, "export": export_command}
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "train": train_command,
     "evaluate": evaluate_command,
     "download": download_command,
+    **_run_dir_commands(),
 }
 
 

@@ -64,6 +64,18 @@ class TrainConfig:
     keep: int = _f(3, "keep the newest K checkpoints in <out-dir>/checkpoints (0 keeps all)")
     resume: str = _f("", "auto (newest complete checkpoint in --out-dir, else start fresh) or a checkpoint PATH")
     stop_check_every: int = _f(10, "optimizer steps between the ranks' agreement on a stop signal (one all_reduce)")
+    # --- tracking, pictures, export (mnist_dist/tracking.py, plots.py, export.py) ---
+    wandb: bool = _f(False, "log to Weights & Biases from global rank 0 (needs the `track` extra)")
+    wandb_mode: str = _f("", "online | offline | disabled; empty = $WANDB_MODE, else online "
+                             "(online without an API key falls back to offline)")
+    wandb_project: str = _f("", "wandb project; empty = $WANDB_PROJECT, else mnist-dist")
+    wandb_entity: str = _f("", "wandb entity (user or team); empty = $WANDB_ENTITY / wandb's default")
+    wandb_name: str = _f("", "wandb run name; empty = $WANDB_NAME, else the run directory's name")
+    wandb_group: str = _f("", "wandb run group; empty = $WANDB_RUN_GROUP")
+    wandb_tags: str = _f("", "comma-separated wandb tags; empty = $WANDB_TAGS")
+    wandb_every: int = _f(50, "optimizer steps between logged loss/lr points (each is one host sync)")
+    plots: bool = _f(True, "write curves.png, confusion_matrix.png/.json, mistakes.png (needs matplotlib)")
+    export: bool = _f(True, "write model.pt2: a torch.export program with the input normalisation")
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -152,3 +164,6 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
         raise UserError(f"--stop-check-every must be positive, got {cfg.stop_check_every}")
     if cfg.log_every <= 0:
         raise UserError(f"--log-every must be positive, got {cfg.log_every}")
+    from .tracking import validate_tracking  # --wandb-* flags and the optional packages they need
+
+    validate_tracking(cfg)

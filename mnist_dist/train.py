@@ -29,6 +29,8 @@ from .metrics import EvalResult, TrainSums, all_reduce_sum, evaluate
 from .models import build_model, clean_state_dict, count_parameters
 from .outputs import RunDir
 from .stopping import StopRequest, signal_name
+from .report import write_final_outputs
+from .tracking import Tracker
 
 
 # ----------------------------------------------------------------------------- precision
@@ -130,9 +132,10 @@ class Trainer:
     global_step: int = 0  # optimizer steps so far
     train_seconds: float = 0.0  # training-loop seconds of the finished epochs
     epoch_seconds: float = 0.0  # training-loop seconds of the epoch in progress before a resume
-    tracker_run_id: str | None = None  # experiment tracker's run id, carried across resumes
+    tracker_run_id: str | None = None  # experiment tracker's run id (from a checkpoint, or the live one)
     sums: TrainSums | None = None  # loss/correct/count of the epoch in progress
     epoch_started: float = 0.0  # perf_counter() when this process started the epoch in progress
+    tracker: Tracker = field(default_factory=Tracker)  # wandb on rank 0, else a no-op
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, sums: TrainSums) -> torch.Tensor:
         with self.precision.autocast():
@@ -167,6 +170,7 @@ class Trainer:
             loss = self.train_step(x, y, self.sums)
             self.step_in_epoch = step + 1
             bar.update(1)
+            self.tracker.log_step(self.global_step, loss, self.optimizer)  # syncs only when wandb is on
             if show_progress and (step + 1) % cfg.log_every == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             faults.maybe_fail("step", self.global_step)
@@ -400,6 +404,8 @@ def fit(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     meta = run_metadata(trainer)  # a collective (hostnames): every rank calls it
     meta["resumed_from"] = resume_from
     run.write_config(meta)
+    trainer.tracker = Tracker.start(cfg, env, meta, cfg.out_dir, resume_id=trainer.tracker_run_id)
+    trainer.tracker_run_id = trainer.tracker.run_id
     log(env, f"run dir {cfg.out_dir}: model {cfg.model} ({meta['parameters']:,} parameters), "
              f"world size {env.world_size}, {env.device}, backend {env.backend or 'none'}, "
              f"amp {trainer.precision.name}, global batch {cfg.batch_size}")
@@ -428,6 +434,8 @@ def fit(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     }
     run.save_weights(trainer.model)
     run.write_summary(summary)
+    write_final_outputs(trainer, cfg.out_dir)  # pictures, confusion_matrix.json, model.pt2
+    trainer.tracker.finish(summary, cfg.out_dir)
     log(env, f"done: test accuracy {test.accuracy:.2%} ({test.correct}/{test.total}) in "
              f"{trainer.train_seconds:.1f}s of training; summary in {run.path / 'summary.json'}")
     return summary
@@ -455,6 +463,7 @@ def train_epochs(trainer: Trainer, run: RunDir, show_progress: bool) -> EvalResu
             "global_step": trainer.global_step,
         }
         run.append_metrics(record)
+        trainer.tracker.log_epoch(record, trainer.global_step)
         log(env, f"epoch {epoch + 1}/{cfg.epochs}  train_loss {loss:.4f}  train_acc {accuracy:.2%}  "
                  f"test_loss {test.loss:.4f}  test_acc {test.accuracy:.2%} "
                  f"({test.correct}/{test.total})  {record['images_per_second']:,.0f} img/s  "

@@ -1,0 +1,131 @@
+"""Pictures of a run, drawn headless (matplotlib's Agg backend) from the files in the run directory.
+
+    curves.png             loss and accuracy per epoch, train and test      (from metrics.jsonl)
+    confusion_matrix.png   true digit x predicted digit counts              (from confusion_matrix.json)
+    mistakes.png           misclassified test digits, labelled true → predicted (json + MNIST test images)
+
+``confusion_matrix.json`` itself is written by ``mnist_dist.report`` from exact predictions on all
+10,000 test images. Everything here reads files only, so ``python -m mnist_dist plot --run-dir DIR``
+redraws the same pictures later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+CURVES_FILE = "curves.png"
+CONFUSION_PNG = "confusion_matrix.png"
+CONFUSION_JSON = "confusion_matrix.json"
+MISTAKES_FILE = "mistakes.png"
+MAX_MISTAKES = 36
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed); a clear error when missing."""
+    from .tracking import require
+
+    require("matplotlib", "pictures (--plots / `mnist-dist plot`)")
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def draw_curves(metrics: list[dict[str, Any]], path: Path) -> None:
+    plt = pyplot()
+    epochs = [m["epoch"] for m in metrics]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for split, style in (("train", "o-"), ("test", "s--")):
+        ax_loss.plot(epochs, [m[f"{split}_loss"] for m in metrics], style, label=split)
+        ax_acc.plot(epochs, [100 * m[f"{split}_accuracy"] for m in metrics], style, label=split)
+    ax_loss.set(title="loss", xlabel="epoch", ylabel="cross-entropy")
+    ax_acc.set(title="accuracy", xlabel="epoch", ylabel="% correct")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_xticks(epochs)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def draw_confusion(counts: list[list[int]], path: Path) -> None:
+    plt = pyplot()
+    import numpy as np
+
+    matrix = np.asarray(counts)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    # log colour scale so that the few mistakes are visible next to ~1,000 correct per class
+    image = ax.imshow(np.log1p(matrix), cmap="Blues")
+    for t in range(matrix.shape[0]):
+        for p in range(matrix.shape[1]):
+            if matrix[t, p]:
+                ax.text(p, t, str(matrix[t, p]), ha="center", va="center", fontsize=8,
+                        color="white" if t == p else "black")
+    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true",
+           title=f"confusion matrix ({matrix.trace()}/{matrix.sum()} correct)")
+    fig.colorbar(image, ax=ax, label="log(1 + count)")
+    _save(fig, path)
+    plt.close(fig)
+
+
+def draw_mistakes(images_u8, mistakes: list[dict[str, int]], path: Path) -> None:
+    plt = pyplot()
+    shown = mistakes[:MAX_MISTAKES]
+    cols = 6
+    rows = max(1, (len(shown) + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.5, rows * 1.7), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, m in zip(axes.flat, shown):
+        ax.imshow(images_u8[m["index"]].numpy(), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"{m['label']} → {m['predicted']}", fontsize=10)
+    fig.suptitle(f"misclassified test digits, true → predicted ({len(shown)} of {len(mistakes)})")
+    _save(fig, path)
+    plt.close(fig)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+
+
+def draw_all(run_dir: str | os.PathLike, data_dir: str) -> list[Path]:
+    """Draw the three pictures from the run directory (and the MNIST test images); return the paths."""
+    from . import data
+
+    run = Path(run_dir)
+    metrics_path = run / "metrics.jsonl"
+    try:
+        metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise UserError(f"{metrics_path} is missing: not a finished mnist-dist run directory") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {metrics_path}: {exc}") from None
+    confusion = _read_json(run / CONFUSION_JSON)
+    written = []
+    if metrics:
+        draw_curves(metrics, run / CURVES_FILE)
+        written.append(run / CURVES_FILE)
+    draw_confusion(confusion["counts"], run / CONFUSION_PNG)
+    written.append(run / CONFUSION_PNG)
+    images, _ = data.load_split(data_dir, train=False)
+    draw_mistakes(images, confusion["mistakes"], run / MISTAKES_FILE)
+    written.append(run / MISTAKES_FILE)
+    return written

@@ -1,0 +1,85 @@
+"""Commands on a finished run directory: ``predict`` (image files → digits), ``plot``, ``export``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import UserError
+
+EXIT_SOME_FILES_FAILED = 1
+
+
+def predict_command(argv: Sequence[str]) -> int:
+    import torch
+
+    from .export import load_classifier
+    from .images import POLARITIES, ImageError, load_digit
+
+    parser = argparse.ArgumentParser(
+        prog="mnist-dist predict",
+        description="Predict the digit in each image file (PNG/JPEG, any size, colour or grey) with a "
+                    "run's model.pt2 (or model.pt). Images are converted the way MNIST was made: digit "
+                    "scaled into 20x20, centred by mass in 28x28, white on black. Prints one line per "
+                    "file: PATH<TAB>digit D<TAB>probability P. Exit 1 if any file failed.",
+    )
+    parser.add_argument("--run-dir", required=True, help="run directory written by training")
+    parser.add_argument("--polarity", default="auto", choices=POLARITIES,
+                        help="auto: a light border means dark ink on light paper, which is inverted; "
+                             "or force light-on-dark (as MNIST) / dark-on-light")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    args = parser.parse_args(argv)
+    classifier = load_classifier(args.run_dir)
+    failed = 0
+    for path in args.images:
+        try:
+            x = load_digit(path, args.polarity)
+        except ImageError as exc:
+            print(f"error: {path}: {exc}", file=sys.stderr, flush=True)
+            failed += 1
+            continue
+        with torch.no_grad():
+            probs = torch.softmax(classifier(x[None]).float(), dim=1)[0]
+        digit = int(probs.argmax())
+        print(f"{path}\tdigit {digit}\tprobability {probs[digit].item():.4f}", flush=True)
+    if failed:
+        print(f"error: {failed} of {len(args.images)} image(s) could not be read", file=sys.stderr, flush=True)
+        return EXIT_SOME_FILES_FAILED
+    return 0
+
+
+def plot_command(argv: Sequence[str]) -> int:
+    from .data import resolve_data_dir
+    from .plots import draw_all
+
+    parser = argparse.ArgumentParser(
+        prog="mnist-dist plot",
+        description="Redraw curves.png, confusion_matrix.png and mistakes.png from a run directory "
+                    "(metrics.jsonl, confusion_matrix.json and the MNIST test images).",
+    )
+    parser.add_argument("--run-dir", required=True, help="run directory written by training")
+    parser.add_argument("--data-dir", default=None, help="MNIST root (default: $MNIST_DATA_DIR, else ./data)")
+    args = parser.parse_args(argv)
+    if not Path(args.run_dir).is_dir():
+        raise UserError(f"run directory {args.run_dir} does not exist")
+    for path in draw_all(args.run_dir, resolve_data_dir(args.data_dir)):
+        print(path, flush=True)
+    return 0
+
+
+def export_command(argv: Sequence[str]) -> int:
+    from .export import save_export
+    from .outputs import load_run_model
+
+    parser = argparse.ArgumentParser(
+        prog="mnist-dist export",
+        description="Write RUN_DIR/model.pt2 (torch.export, input normalisation included) from the "
+                    "run's model.pt, e.g. for a run trained with --no-export.",
+    )
+    parser.add_argument("--run-dir", required=True, help="run directory written by training")
+    args = parser.parse_args(argv)
+    model, config = load_run_model(args.run_dir, map_location="cpu")
+    print(save_export(model, bool(config.get("normalize", True)), args.run_dir), flush=True)
+    return 0
