@@ -180,3 +180,56 @@ def test_missing_data_fails_before_any_rank(cluster, job_dirs, tmp_path):
     log = job_log(logs, jid)
     assert re.search(r"error: preflight on node[12]: MNIST files missing in .*nodata/MNIST/raw", log), log
     assert "agent on" not in log
+
+
+APPTAINER_STAND_IN = r"""#!/bin/bash
+# Stand-in for `apptainer exec [--nv] [--bind A,B] [--pwd DIR] IMAGE CMD...` (no Apptainer on CI):
+# logs the call, then runs CMD on the host with the image's /app mapped to the checkout.
+printf '%s %s\n' "${SLURMD_NODENAME:-batch}" "$*" >>"$STAND_IN_LOG"
+[[ $1 == exec ]] || exit 64
+shift
+pwd_dir=
+while [[ $1 == --* ]]; do
+  case $1 in
+  --nv) shift ;;
+  --bind) shift 2 ;;
+  --pwd) pwd_dir=$2; shift 2 ;;
+  *) exit 64 ;;
+  esac
+done
+[[ -f $1 ]] || exit 65
+shift
+if [[ -n $pwd_dir ]]; then cd "${pwd_dir/#\/app/$STAND_IN_APP}" || exit 66; fi
+args=()
+for a in "$@"; do
+  a=${a/#\/app\//$STAND_IN_APP/}
+  [[ $a == python ]] && a=$STAND_IN_PYTHON
+  args+=("$a")
+done
+exec "${args[@]}"
+"""
+
+
+def test_container_mode_runs_every_step_through_apptainer(cluster, job_dirs, mnist_root, tmp_path):
+    # The sbatch script's CONTAINER_IMAGE path, with a stand-in for the apptainer binary (see above).
+    logs, runs = job_dirs
+    bindir, image, calls = tmp_path / "bin", tmp_path / "mnist-dist.sif", tmp_path / "apptainer.calls"
+    bindir.mkdir()
+    (bindir / "apptainer").write_text(APPTAINER_STAND_IN)
+    (bindir / "apptainer").chmod(0o755)
+    image.write_bytes(b"not a real image")
+    proc = sbatch(cluster, logs, runs, *data_args(mnist_root), "--max-steps", "20",
+                  options=("--nodes=2", "--cpus-per-task=1"), timeout=300, CONTAINER_IMAGE=str(image),
+                  PATH=f"{bindir}:{os.environ['PATH']}", STAND_IN_LOG=str(calls), STAND_IN_APP=str(REPO),
+                  STAND_IN_PYTHON=sys.executable)
+    jid = job_id(proc)
+    assert proc.returncode == 0, explain(cluster, logs, jid, proc)
+    assert read_json(runs / f"slurm-{jid}" / "summary.json")["world_size"] == 2
+    prefix = f"exec --nv --bind {mnist_root.resolve()},{runs.resolve()} --pwd /app {image} python -m "
+    lines = calls.read_text().splitlines()
+    download = f"{prefix}mnist_dist download --data-dir {mnist_root.resolve()}"
+    assert [line.split(" ", 1)[1] for line in lines].count(download) == 1, lines  # once, on the batch node
+    for node in ("node1", "node2"):
+        assert any(line.startswith(f"{node} {prefix}mnist_dist.preflight ") for line in lines), lines
+        assert any(line.startswith(f"{node} {prefix}torch.distributed.run ") and " /app/train_ddp.py " in line
+                   for line in lines), lines
