@@ -65,6 +65,7 @@ def check_rendezvous(endpoint: str) -> str:
     except socket.gaierror as exc:
         raise UserError(f"rendezvous host {host!r} does not resolve on this node: {exc}") from None
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the c10d store binds (TIME_WAIT is fine)
         try:
             s.bind(("", port))
         except OSError as exc:
