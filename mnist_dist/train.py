@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import data
+from . import data, speed
 from .config import TrainConfig
 from .dist import DistEnv
 from .errors import UserError
@@ -123,6 +123,8 @@ class Trainer:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     global_step: int = 0
+    transform: Any = None  # speed.BatchTransform (augmentation, channels_last) or None
+    clock: Any = None  # speed.TargetClock: time to --target-accuracy
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, sums: TrainSums) -> torch.Tensor:
         with self.precision.autocast():
@@ -147,16 +149,21 @@ class Trainer:
         bar = progress_bar(len(self.batches) - start_step, f"epoch {epoch + 1}/{self.cfg.epochs}",
                            show_progress)
         synchronize(self.env.device)
+        self.clock.start_epoch()
         started = time.perf_counter()
         for step, (x, y) in enumerate(self.batches.epoch(epoch, start_step), start=start_step):
             if self.finished:
                 break
+            if self.transform is not None:
+                x = self.transform(x, epoch, step)
             loss = self.train_step(x, y, sums)
+            if self.clock.due(self.global_step):
+                self.clock.check(self, started)  # evaluates with the clock paused
             bar.update(1)
             if show_progress and (step + 1) % self.cfg.log_every == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
         synchronize(self.env.device)
-        seconds = time.perf_counter() - started
+        seconds = self.clock.end_epoch(time.perf_counter() - started)
         bar.close()
         loss, accuracy, images = sums.reduce(self.env)
         return loss, accuracy, images, seconds
@@ -197,15 +204,18 @@ def build_trainer(cfg: TrainConfig, env: DistEnv) -> Trainer:
     else:
         batches = data.LoaderBatches(cfg.data_dir, cfg.normalize, env, per_rank_batch, cfg.seed,
                                      cfg.num_workers)
-    model = build_model(cfg.model).to(device)
+    model = speed.prepare_model(build_model(cfg.model), cfg, env).to(device)
     wrapped = model
     if env.distributed:
         wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    wrapped = speed.compile_model(wrapped, cfg)
     optimizer = build_optimizer(cfg, model.parameters())
     scheduler = build_scheduler(cfg, optimizer, total_steps=planned_steps(cfg, len(batches)))
     return Trainer(
         cfg, env, model, wrapped, optimizer, scheduler, precision, batches,
         data.to_float(test_u8, cfg.normalize).to(device), test_labels.to(device),
+        transform=speed.build_batch_transform(cfg, env, per_rank_batch, len(batches)),
+        clock=speed.TargetClock(cfg),
     )
 
 
@@ -250,6 +260,7 @@ def fit(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
              f"world size {env.world_size}, {env.device}, backend {env.backend or 'none'}, "
              f"amp {trainer.precision.name}, global batch {cfg.batch_size}")
     show_progress = env.is_main and cfg.progress and sys.stderr.isatty()
+    warmup_seconds = speed.warm_up(trainer, cfg.warmup_steps)  # untimed; state restored after
 
     train_seconds = 0.0
     test: EvalResult | None = None
@@ -259,6 +270,7 @@ def fit(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
         loss, accuracy, images, seconds = trainer.train_epoch(epoch, 0, show_progress)
         train_seconds += seconds
         test = trainer.evaluate()
+        trainer.clock.epoch_evaluated(test.accuracy, trainer.global_step)
         record = {
             "epoch": epoch + 1,
             "train_loss": loss,
@@ -292,6 +304,7 @@ def fit(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
         "per_class_correct": test.class_correct,
         "per_class_total": test.class_total,
     }
+    summary.update(speed.summary_fields(trainer, warmup_seconds))
     run.save_weights(trainer.model)
     run.write_summary(summary)
     log(env, f"done: test accuracy {test.accuracy:.2%} ({test.correct}/{test.total}) in "
