@@ -67,7 +67,8 @@ class TrainConfig:
     aug_degrees: float = _f(10.0, "--augment: max rotation in degrees")
     aug_shift: float = _f(2.0, "--augment: max shift in pixels (each axis)")
     aug_scale: float = _f(0.1, "--augment: max relative zoom (scale drawn in [1-s, 1+s])")
-    sync_bn: bool = _f(True, "convert BatchNorm to SyncBatchNorm when a process group exists")
+    sync_bn: bool = _f(True, "convert BatchNorm to SyncBatchNorm under a process group on CUDA (the CPU "
+                             "keeps per-rank BatchNorm; running stats are averaged before evaluation)")
     channels_last: bool = _f(False, "channels_last memory format for the model and its input batches")
     compile: bool = _f(False, "torch.compile the training model (see --compile-mode)")
     compile_mode: str = _f("default", "torch.compile mode: default | reduce-overhead (CUDA graphs) | "

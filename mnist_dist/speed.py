@@ -1,6 +1,9 @@
 """Speed to accuracy: model preparation, on-device batch augmentation, warm-up, time-to-target.
 
-* ``prepare_model``: BatchNorm -> SyncBatchNorm under a process group, channels_last, cuDNN autotune.
+* ``prepare_model``: BatchNorm -> SyncBatchNorm under a process group on CUDA, channels_last,
+  cuDNN autotune. On the CPU (gloo) DDP refuses SyncBatchNorm ("SyncBatchNorm layers only work with
+  GPU modules", torch 2.14), so BatchNorm stays per rank and ``average_buffers`` makes the running
+  statistics identical on every rank before each evaluation (exact eval, identical saved weights).
 * ``compile_model``: ``torch.compile`` of the training module (the DDP wrapper when there is one).
 * ``BatchTransform``: random rotation / shift / zoom of a whole batch tensor with one
   ``affine_grid`` + ``grid_sample`` on the device (no per-sample PIL). The random parameters of an
@@ -40,11 +43,11 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 def prepare_model(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Module:
-    """SyncBatchNorm (when a process group exists), channels_last, cuDNN autotune. Before DDP."""
+    """SyncBatchNorm (process group on CUDA), channels_last, cuDNN autotune. Before DDP."""
     if cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES and env.device.type != "cuda":
         raise UserError(f"--compile-mode {cfg.compile_mode} uses CUDA graphs and needs a CUDA device; "
                         f"on the CPU use --compile-mode default")
-    if cfg.sync_bn and env.distributed and has_batchnorm(model):
+    if cfg.sync_bn and env.distributed and env.device.type == "cuda" and has_batchnorm(model):
         # Batch statistics over the GLOBAL batch: every rank normalises with the same mean/var,
         # so N ranks x B/N behave like one rank x B. Works with gloo on the CPU and NCCL on CUDA.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -53,6 +56,31 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Module
     if cfg.cudnn_benchmark and env.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return model
+
+
+@torch.no_grad()
+def average_buffers(model: nn.Module, env: DistEnv) -> None:
+    """Average floating-point buffers (BatchNorm running mean/var) over ranks, in place.
+
+    Per-rank BatchNorm (the CPU path) updates its running statistics from the local batch after
+    DDP's start-of-forward broadcast, so ranks end an epoch with different statistics. Averaging
+    them before evaluation gives every rank the same model (statistics of all ranks' batches).
+    One all_reduce of a flat tensor; a no-op without a process group or floating buffers.
+    """
+    if not env.distributed:
+        return
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    import torch.distributed as dist
+
+    flat = torch.cat([b.reshape(-1) for b in buffers])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= env.world_size
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset: offset + b.numel()].view_as(b))
+        offset += b.numel()
 
 
 def compile_model(module: nn.Module, cfg: TrainConfig) -> nn.Module:

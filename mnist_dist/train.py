@@ -177,6 +177,7 @@ class Trainer:
         return self.global_step >= self.total_steps
 
     def evaluate(self) -> EvalResult:
+        speed.average_buffers(self.model, self.env)  # per-rank BatchNorm statistics -> one model
         return evaluate(self.model, self.test_images, self.test_labels, self.env,
                         self.cfg.eval_batch_size, self.precision.autocast())
 
