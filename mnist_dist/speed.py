@@ -216,8 +216,8 @@ class TargetClock:
     because the accuracy comes from the exact all_reduce evaluation.
     """
 
-    def __init__(self, cfg: TrainConfig) -> None:
-        self.every, self.target = cfg.eval_every, cfg.target_accuracy
+    def __init__(self, every: int = 0, target: float = 1.0) -> None:
+        self.every, self.target = every, target  # the defaults only time reaching 100% at epoch ends
         self.before = 0.0  # training seconds of finished epochs
         self.paused = 0.0  # evaluation seconds inside the current epoch
         self.evaluations = 0

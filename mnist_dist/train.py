@@ -12,7 +12,7 @@ import random
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -124,7 +124,7 @@ class Trainer:
     test_labels: torch.Tensor
     global_step: int = 0
     transform: Any = None  # speed.BatchTransform (augmentation, channels_last) or None
-    clock: Any = None  # speed.TargetClock: time to --target-accuracy
+    clock: Any = field(default_factory=speed.TargetClock)  # time to --target-accuracy
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, sums: TrainSums) -> torch.Tensor:
         with self.precision.autocast():
@@ -216,7 +216,7 @@ def build_trainer(cfg: TrainConfig, env: DistEnv) -> Trainer:
         cfg, env, model, wrapped, optimizer, scheduler, precision, batches,
         data.to_float(test_u8, cfg.normalize).to(device), test_labels.to(device),
         transform=speed.build_batch_transform(cfg, env, per_rank_batch, len(batches)),
-        clock=speed.TargetClock(cfg),
+        clock=speed.TargetClock(cfg.eval_every, cfg.target_accuracy),
     )
 
 
