@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import checkpoint, data, faults
+from . import checkpoint, data, faults, speed
 from .config import TrainConfig
 from .dist import DistEnv
 from .errors import StopTraining, UserError
@@ -136,6 +136,8 @@ class Trainer:
     sums: TrainSums | None = None  # loss/correct/count of the epoch in progress
     epoch_started: float = 0.0  # perf_counter() when this process started the epoch in progress
     tracker: Tracker = field(default_factory=Tracker)  # wandb on rank 0, else a no-op
+    transform: Any = None  # speed.BatchTransform (augmentation, channels_last) or None
+    clock: Any = field(default_factory=speed.TargetClock)  # time to --target-accuracy
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, sums: TrainSums) -> torch.Tensor:
         with self.precision.autocast():
@@ -162,13 +164,18 @@ class Trainer:
             self.sums = TrainSums(self.env.device)
         bar = progress_bar(len(self.batches) - start_step, f"epoch {epoch + 1}/{cfg.epochs}", show_progress)
         synchronize(self.env.device)
+        self.clock.start_epoch()
         started = time.perf_counter()
         self.epoch_started = started
         for step, (x, y) in enumerate(self.batches.epoch(epoch, start_step), start=start_step):
             if self.finished:
                 break
+            if self.transform is not None:
+                x = self.transform(x, epoch, step)
             loss = self.train_step(x, y, self.sums)
             self.step_in_epoch = step + 1
+            if self.clock.due(self.global_step):
+                self.clock.check(self, started)  # evaluates with the clock paused
             bar.update(1)
             self.tracker.log_step(self.global_step, loss, self.optimizer)  # syncs only when wandb is on
             if show_progress and (step + 1) % cfg.log_every == 0:
@@ -179,7 +186,7 @@ class Trainer:
             if self.global_step % cfg.stop_check_every == 0:
                 self.stop_if_requested()
         synchronize(self.env.device)
-        seconds = self.epoch_seconds + time.perf_counter() - started
+        seconds = self.epoch_seconds + self.clock.end_epoch(time.perf_counter() - started)
         bar.close()
         self.stop_if_requested()
         loss, accuracy, images = self.sums.reduce(self.env)
@@ -199,6 +206,7 @@ class Trainer:
         return self.global_step >= self.total_steps
 
     def evaluate(self) -> EvalResult:
+        speed.average_buffers(self.model, self.env)  # per-rank BatchNorm statistics -> one model
         return evaluate(self.model, self.test_images, self.test_labels, self.env,
                         self.cfg.eval_batch_size, self.precision.autocast())
 
@@ -345,15 +353,18 @@ def build_trainer(cfg: TrainConfig, env: DistEnv) -> Trainer:
     else:
         batches = data.LoaderBatches(cfg.data_dir, cfg.normalize, env, per_rank_batch, cfg.seed,
                                      cfg.num_workers)
-    model = build_model(cfg.model).to(device)
+    model = speed.prepare_model(build_model(cfg.model), cfg, env).to(device)
     wrapped = model
     if env.distributed:
         wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    wrapped = speed.compile_model(wrapped, cfg)
     optimizer = build_optimizer(cfg, model.parameters())
     scheduler = build_scheduler(cfg, optimizer, total_steps=planned_steps(cfg, len(batches)))
     return Trainer(
         cfg, env, model, wrapped, optimizer, scheduler, precision, batches,
         data.to_float(test_u8, cfg.normalize).to(device), test_labels.to(device),
+        transform=speed.build_batch_transform(cfg, env, per_rank_batch, len(batches)),
+        clock=speed.TargetClock(cfg.eval_every, cfg.target_accuracy),
     )
 
 
@@ -410,6 +421,7 @@ def fit(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
              f"world size {env.world_size}, {env.device}, backend {env.backend or 'none'}, "
              f"amp {trainer.precision.name}, global batch {cfg.batch_size}")
     show_progress = env.is_main and cfg.progress and sys.stderr.isatty()
+    warmup_seconds = speed.warm_up(trainer, cfg.warmup_steps)  # untimed; state restored after
 
     trainer.stop.install()
     try:
@@ -432,6 +444,7 @@ def fit(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
         "per_class_correct": test.class_correct,
         "per_class_total": test.class_total,
     }
+    summary.update(speed.summary_fields(trainer, warmup_seconds))
     run.save_weights(trainer.model)
     run.write_summary(summary)
     write_final_outputs(trainer, cfg.out_dir)  # pictures, confusion_matrix.json, model.pt2
@@ -449,6 +462,7 @@ def train_epochs(trainer: Trainer, run: RunDir, show_progress: bool) -> EvalResu
         epoch = trainer.epoch
         loss, accuracy, images, seconds = trainer.train_epoch(show_progress)
         test = trainer.evaluate()
+        trainer.clock.epoch_evaluated(test.accuracy, trainer.global_step)
         record = {
             "epoch": epoch + 1,
             "train_loss": loss,
