@@ -14,14 +14,14 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from mnist_dist import dist
-from mnist_dist.cli import guarded, parse_train_args
+from mnist_dist.cli import guarded, parse_train_args, setup_engine
 from mnist_dist.train import fit
 
 
 @record  # a failing rank's traceback is written for torchrun to report with its rank
 def main() -> None:
     cfg = parse_train_args(sys.argv[1:])  # parse (and validate before any collective)
-    env = dist.setup(cfg.backend, cfg.device, cfg.dist_timeout, cfg.threads)  # set up
+    env = setup_engine(cfg)  # set up: our dist.setup, or the Accelerator (--engine accelerate)
     try:
         fit(cfg, env)  # train
     finally:

@@ -17,6 +17,7 @@ LOADERS = ("tensor", "dataloader")
 SCHEDULES = ("onecycle", "constant", "cosine")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 BACKENDS = ("auto", "nccl", "gloo")
+ENGINES = ("ddp", "accelerate")
 
 
 def _f(default: Any, help: str) -> Any:
@@ -59,6 +60,10 @@ class TrainConfig:
     out_dir: str = _f("", "run directory; empty = runs/<timestamp>")
     log_every: int = _f(50, "optimizer steps between progress-bar loss updates (each is one sync)")
     progress: bool = _f(True, "tqdm bar on rank 0 (also off when stderr is not a terminal)")
+    # --- engine (issue 7) ---
+    engine: str = _f("ddp", "ddp: our own DDP loop | accelerate: the same loop, data order, metrics and "
+                            "outputs, with accelerate.Accelerator doing device placement, DDP, "
+                            "mixed precision (--amp) and backward")
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -126,6 +131,7 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
         ("--optimizer", cfg.optimizer, OPTIMIZERS),
         ("--backend", cfg.backend, BACKENDS),
         ("--device", cfg.device, ("auto", "cpu", "cuda")),
+        ("--engine", cfg.engine, ENGINES),
     ):
         if value not in choices:
             raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")

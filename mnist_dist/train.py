@@ -46,6 +46,9 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()  # the accelerate engine overrides this (accelerator.backward)
+
 
 def resolve_precision(mode: str, device: torch.device) -> Precision:
     """auto: bf16 on CUDA devices that support it, else fp16 + GradScaler; off on the CPU."""
@@ -130,7 +133,7 @@ class Trainer:
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         scaler = self.precision.scaler
-        scaler.scale(loss).backward()
+        self.precision.backward(loss)
         if self.cfg.grad_clip > 0:
             scaler.unscale_(self.optimizer)  # clip the true gradients, never the scaled ones
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -199,7 +202,11 @@ def build_trainer(cfg: TrainConfig, env: DistEnv) -> Trainer:
                                      cfg.num_workers)
     model = build_model(cfg.model).to(device)
     wrapped = model
-    if env.distributed:
+    if cfg.engine == "accelerate":  # accelerate places, wraps (DDP) and autocasts the model
+        from .engine_accelerate import prepare_model
+
+        wrapped, precision = prepare_model(env, model)
+    elif env.distributed:
         wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(cfg, model.parameters())
     scheduler = build_scheduler(cfg, optimizer, total_steps=planned_steps(cfg, len(batches)))
