@@ -5,6 +5,9 @@
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=4 \\
         --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT train_ddp.py   # on each of 2 nodes
     sbatch slurm/train.sbatch                                   # SLURM, 1..N nodes
+    torchrun --standalone --nproc_per_node=4 train_ddp.py --engine accelerate   # via Accelerator
+    accelerate launch --multi_gpu --num_processes 4 --num_machines 1 --mixed_precision bf16 \
+        --dynamo_backend no train_ddp.py --engine accelerate  # (either engine; works on CPU too)
 
 Flags: `python train_ddp.py --help`. Same as `mnist-dist train` / `python -m mnist_dist train`.
 """
