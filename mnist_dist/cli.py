@@ -14,7 +14,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from .config import RECIPES, TrainConfig, resolve_config, validate_config
-from .errors import EXIT_USER_ERROR, UserError
+from .errors import EXIT_STOPPED, EXIT_USER_ERROR, StopTraining, UserError
 
 SUBCOMMANDS = ("train", "evaluate", "download")
 
@@ -77,6 +77,8 @@ def parse_train_args(argv: Sequence[str] | None, world_size: int | None = None) 
     overrides = {k: v for k, v in vars(args).items() if k != "recipe"}
     cfg = resolve_config(args.recipe, overrides)
     cfg.data_dir = resolve_data_dir(args.data_dir)
+    if cfg.resume == "auto" and not cfg.out_dir:
+        raise UserError("--resume auto needs --out-dir: the run directory whose checkpoints to resume")
     cfg.out_dir = cfg.out_dir or default_run_dir()
     validate_config(cfg, world_size if world_size is not None else launcher_world()[2])
     return cfg
@@ -188,6 +190,8 @@ def guarded(func: Callable[[], int | None]) -> int:
     except UserError as exc:
         print(f"{rank_prefix()}error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
+    except StopTraining:
+        return EXIT_STOPPED  # rank 0 already logged where the checkpoint is
     except KeyboardInterrupt:
         print(f"{rank_prefix()}interrupted", file=sys.stderr, flush=True)
         return 130

@@ -60,6 +60,11 @@ class TrainConfig:
     out_dir: str = _f("", "run directory; empty = runs/<timestamp>")
     log_every: int = _f(50, "optimizer steps between progress-bar loss updates (each is one sync)")
     progress: bool = _f(True, "tqdm bar on rank 0 (also off when stderr is not a terminal)")
+    # --- checkpoints and fault tolerance ---
+    checkpoint_every: int = _f(0, "also checkpoint every N optimizer steps (0: only at epoch ends and on a stop signal)")
+    keep: int = _f(3, "keep the newest K checkpoints in <out-dir>/checkpoints (0 keeps all)")
+    resume: str = _f("", "auto (newest complete checkpoint in --out-dir, else start fresh) or a checkpoint PATH")
+    stop_check_every: int = _f(10, "optimizer steps between the ranks' agreement on a stop signal (one all_reduce)")
     # --- engine (issue 7) ---
     engine: str = _f("ddp", "ddp: our own DDP loop | accelerate: the same loop, data order, metrics and "
                             "outputs, with accelerate.Accelerator doing device placement, DDP, "
@@ -145,5 +150,11 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
         raise UserError(f"--dist-timeout must be positive, got {cfg.dist_timeout}")
     if cfg.threads < 0:
         raise UserError(f"--threads must be >= 0, got {cfg.threads}")
+    if cfg.checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every must be >= 0, got {cfg.checkpoint_every}")
+    if cfg.keep < 0:
+        raise UserError(f"--keep must be >= 0, got {cfg.keep}")
+    if cfg.stop_check_every <= 0:
+        raise UserError(f"--stop-check-every must be positive, got {cfg.stop_check_every}")
     if cfg.log_every <= 0:
         raise UserError(f"--log-every must be positive, got {cfg.log_every}")

@@ -12,3 +12,13 @@ class UserError(Exception):
 # Exit codes of the CLI (documented in the README).
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
+EXIT_STOPPED = 3  # a stop signal was handled: a checkpoint was saved; resume with --resume auto
+
+
+class StopTraining(Exception):
+    """Raised on every rank after the ranks agreed to stop and the stop checkpoint was saved."""
+
+    def __init__(self, signum: int, checkpoint: str | None) -> None:
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+        self.checkpoint = checkpoint

@@ -78,6 +78,15 @@ class RunDir:
                 fh.flush()
                 os.fsync(fh.fileno())
 
+    def truncate_metrics(self, after_epoch: int) -> None:
+        """Drop records of epochs after ``after_epoch`` (a resume redoes them), atomically."""
+        path = self.path / METRICS_FILE
+        if not self.enabled or not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("epoch", 0) <= after_epoch]
+        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         if self.enabled:
             atomic_write_json(self.path / SUMMARY_FILE, summary)

@@ -12,7 +12,7 @@ import random
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,13 +21,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import data
+from . import checkpoint, data, faults
 from .config import TrainConfig
 from .dist import DistEnv
-from .errors import UserError
-from .metrics import EvalResult, TrainSums, evaluate
-from .models import build_model, count_parameters
+from .errors import StopTraining, UserError
+from .metrics import EvalResult, TrainSums, all_reduce_sum, evaluate
+from .models import build_model, clean_state_dict, count_parameters
 from .outputs import RunDir
+from .stopping import StopRequest, signal_name
 
 
 # ----------------------------------------------------------------------------- precision
@@ -113,7 +114,7 @@ def progress_bar(total: int, desc: str, enabled: bool):
 # ----------------------------------------------------------------------------- the loop
 @dataclass
 class Trainer:
-    """Everything one training run holds; ``fit`` drives it."""
+    """Everything one training run holds, including where it is (for checkpoints); ``fit`` drives it."""
 
     cfg: TrainConfig
     env: DistEnv
@@ -125,7 +126,16 @@ class Trainer:
     batches: Any  # data.TensorBatches or data.LoaderBatches
     test_images: torch.Tensor
     test_labels: torch.Tensor
-    global_step: int = 0
+    stop: StopRequest = field(default_factory=StopRequest)
+    # progress, saved in checkpoints:
+    epoch: int = 0  # the epoch in progress (0-based)
+    step_in_epoch: int = 0  # batches of that epoch already consumed
+    global_step: int = 0  # optimizer steps so far
+    train_seconds: float = 0.0  # training-loop seconds of the finished epochs
+    epoch_seconds: float = 0.0  # training-loop seconds of the epoch in progress before a resume
+    tracker_run_id: str | None = None  # experiment tracker's run id, carried across resumes
+    sums: TrainSums | None = None  # loss/correct/count of the epoch in progress
+    epoch_started: float = 0.0  # perf_counter() when this process started the epoch in progress
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, sums: TrainSums) -> torch.Tensor:
         with self.precision.autocast():
@@ -144,25 +154,40 @@ class Trainer:
         sums.add(loss, logits, y)
         return loss
 
-    def train_epoch(self, epoch: int, start_step: int = 0, show_progress: bool = False):
+    def train_epoch(self, show_progress: bool = False) -> tuple[float, float, int, float]:
+        """Train from ``step_in_epoch`` to the end of ``epoch``; returns (loss, accuracy, images, seconds)."""
+        cfg, epoch, start_step = self.cfg, self.epoch, self.step_in_epoch
         self.model.train()
-        sums = TrainSums(self.env.device)
-        bar = progress_bar(len(self.batches) - start_step, f"epoch {epoch + 1}/{self.cfg.epochs}",
-                           show_progress)
+        if self.sums is None:
+            self.sums = TrainSums(self.env.device)
+        bar = progress_bar(len(self.batches) - start_step, f"epoch {epoch + 1}/{cfg.epochs}", show_progress)
         synchronize(self.env.device)
         started = time.perf_counter()
+        self.epoch_started = started
         for step, (x, y) in enumerate(self.batches.epoch(epoch, start_step), start=start_step):
             if self.finished:
                 break
-            loss = self.train_step(x, y, sums)
+            loss = self.train_step(x, y, self.sums)
+            self.step_in_epoch = step + 1
             bar.update(1)
-            if show_progress and (step + 1) % self.cfg.log_every == 0:
+            if show_progress and (step + 1) % cfg.log_every == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
+            faults.maybe_fail("step", self.global_step)
+            if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+            if self.global_step % cfg.stop_check_every == 0:
+                self.stop_if_requested()
         synchronize(self.env.device)
-        seconds = time.perf_counter() - started
+        seconds = self.epoch_seconds + time.perf_counter() - started
         bar.close()
-        loss, accuracy, images = sums.reduce(self.env)
+        self.stop_if_requested()
+        loss, accuracy, images = self.sums.reduce(self.env)
         return loss, accuracy, images, seconds
+
+    def end_epoch(self, seconds: float) -> None:
+        self.train_seconds += seconds
+        self.epoch, self.step_in_epoch, self.epoch_seconds, self.sums = self.epoch + 1, 0, 0.0, None
+        self.epoch_started = 0.0
 
     @property
     def total_steps(self) -> int:
@@ -175,6 +200,125 @@ class Trainer:
     def evaluate(self) -> EvalResult:
         return evaluate(self.model, self.test_images, self.test_labels, self.env,
                         self.cfg.eval_batch_size, self.precision.autocast())
+
+    # ------------------------------------------------------------------ checkpoints and stopping
+    def save_checkpoint(self) -> str | None:
+        """Collective: every rank contributes its RNG state; rank 0 writes; all wait for the file."""
+        env = self.env
+        rng = gather_objects(checkpoint.rng_state(), env)
+        sums = self.sums.sums.clone() if self.sums is not None else torch.zeros(3, dtype=torch.float64,
+                                                                                   device=env.device)
+        all_reduce_sum(sums, env)
+        in_epoch = self.step_in_epoch > 0 and self.epoch_started > 0
+        elapsed = self.epoch_seconds + (time.perf_counter() - self.epoch_started if in_epoch else 0.0)
+        path = None
+        if env.is_main:
+            state = {
+                "format": checkpoint.FORMAT,
+                "version": checkpoint.VERSION,
+                "model": clean_state_dict(self.model.state_dict()),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.precision.scaler.state_dict(),
+                "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch,
+                "global_step": self.global_step,
+                "train_seconds": self.train_seconds,
+                "epoch_seconds": elapsed,
+                "train_sums": sums.cpu(),
+                "rng": rng,
+                "config": self.cfg.to_json(),
+                "world_size": env.world_size,
+                "tracker_run_id": self.tracker_run_id,
+            }
+            path = str(checkpoint.save(self.cfg.out_dir, state, self.cfg.keep))
+        env.barrier()  # nobody leaves (or exits) before the file is complete
+        return path
+
+    def stop_if_requested(self) -> None:
+        signum = self.stop.agreed(self.env)
+        if not signum:
+            return
+        path = self.save_checkpoint()
+        log(self.env, f"stopped by signal {signal_name(signum)} at epoch {self.epoch + 1} step "
+                      f"{self.step_in_epoch} (global step {self.global_step}); checkpoint {path}; "
+                      f"continue with --resume auto --out-dir {self.cfg.out_dir}")
+        raise StopTraining(signum, path)
+
+    def restore(self, state: dict[str, Any], source: str) -> None:
+        cfg, env = self.cfg, self.env
+        check_resume_compatible(cfg, env, state, source)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.precision.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        self.global_step = int(state["global_step"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.epoch_seconds = float(state.get("epoch_seconds", 0.0)) if self.step_in_epoch else 0.0
+        self.tracker_run_id = state.get("tracker_run_id")
+        self.sums = TrainSums(env.device)
+        if self.step_in_epoch and env.is_main:  # the saved sums are already the sum over ranks
+            self.sums.sums.copy_(state["train_sums"].to(env.device))
+        rngs = state["rng"]
+        if env.rank < len(rngs):
+            checkpoint.set_rng_state(rngs[env.rank])
+        else:
+            seed_everything(cfg.seed + env.rank + 1000 * self.epoch)
+
+
+# Training flags that must not change between a checkpoint and its resume.
+RESUME_KEYS = ("model", "batch_size", "epochs", "max_steps", "lr", "optimizer", "schedule", "seed",
+               "normalize", "label_smoothing", "weight_decay")
+
+
+def check_resume_compatible(cfg: TrainConfig, env: DistEnv, state: dict[str, Any], source: str) -> None:
+    saved = state["config"]
+    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != getattr(cfg, k)]
+    if changed:
+        detail = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {getattr(cfg, k)})" for k in changed)
+        raise UserError(f"checkpoint {source} was written with {detail}; resume with the same training flags")
+    if state["world_size"] != env.world_size and int(state["step_in_epoch"]) != 0:
+        raise UserError(
+            f"checkpoint {source} was written mid-epoch at world size {state['world_size']}; resume it "
+            f"with {state['world_size']} processes, or from an epoch-end checkpoint (any world size)"
+        )
+
+
+def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
+    if not env.distributed:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, env: DistEnv) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not env.distributed:
+        return obj
+    box = [obj if env.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def choose_resume_checkpoint(cfg: TrainConfig, env: DistEnv) -> str | None:
+    """Rank 0 picks the checkpoint (or none) and every rank gets the same answer — or the same error."""
+    choice: tuple[str | None, str | None] = (None, None)
+    if env.is_main and cfg.resume:
+        try:
+            if cfg.resume == "auto":
+                newest = checkpoint.newest_loadable(cfg.out_dir)
+                choice = (str(newest) if newest else None, None)
+            else:
+                checkpoint.load(cfg.resume)
+                choice = (cfg.resume, None)
+        except UserError as exc:
+            choice = (None, str(exc))
+    path, error = broadcast_object(choice, env)
+    if error:
+        raise UserError(error)
+    return path
 
 
 def planned_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
@@ -248,23 +392,61 @@ def log(env: DistEnv, message: str) -> None:
 
 
 def fit(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
+    cfg.out_dir = broadcast_object(cfg.out_dir, env)  # ranks may have made different default names
     run = RunDir(cfg.out_dir, enabled=env.is_main)
     run.create()
     trainer = build_trainer(cfg, env)
+    resume_from = choose_resume_checkpoint(cfg, env)
+    if resume_from:
+        trainer.restore(checkpoint.load(resume_from, map_location=env.device), resume_from)
+        run.truncate_metrics(after_epoch=trainer.epoch)
+        log(env, f"resumed from {resume_from} at epoch {trainer.epoch + 1} step {trainer.step_in_epoch} "
+                 f"(global step {trainer.global_step})")
+    elif cfg.resume == "auto":
+        log(env, f"no checkpoint in {cfg.out_dir}/checkpoints: starting fresh")
     meta = run_metadata(trainer)  # a collective (hostnames): every rank calls it
+    meta["resumed_from"] = resume_from
     run.write_config(meta)
     log(env, f"run dir {cfg.out_dir}: model {cfg.model} ({meta['parameters']:,} parameters), "
              f"world size {env.world_size}, {env.device}, backend {env.backend or 'none'}, "
              f"amp {trainer.precision.name}, global batch {cfg.batch_size}")
     show_progress = env.is_main and cfg.progress and sys.stderr.isatty()
 
-    train_seconds = 0.0
+    trainer.stop.install()
+    try:
+        test = train_epochs(trainer, run, show_progress)
+    finally:
+        trainer.stop.restore()
+
+    summary = {
+        "test_accuracy": test.accuracy,
+        "test_correct": test.correct,
+        "test_total": test.total,
+        "test_loss": test.loss,
+        "world_size": env.world_size,
+        "train_seconds": trainer.train_seconds,
+        "epochs": trainer.epoch,
+        "global_step": trainer.global_step,
+        "model": cfg.model,
+        "recipe": cfg.recipe,
+        "per_class_accuracy": test.class_accuracy,
+        "per_class_correct": test.class_correct,
+        "per_class_total": test.class_total,
+    }
+    run.save_weights(trainer.model)
+    run.write_summary(summary)
+    log(env, f"done: test accuracy {test.accuracy:.2%} ({test.correct}/{test.total}) in "
+             f"{trainer.train_seconds:.1f}s of training; summary in {run.path / 'summary.json'}")
+    return summary
+
+
+def train_epochs(trainer: Trainer, run: RunDir, show_progress: bool) -> EvalResult:
+    """The epochs that remain: train, evaluate, record, checkpoint. Returns the final evaluation."""
+    cfg, env = trainer.cfg, trainer.env
     test: EvalResult | None = None
-    for epoch in range(cfg.epochs):
-        if trainer.finished:
-            break
-        loss, accuracy, images, seconds = trainer.train_epoch(epoch, 0, show_progress)
-        train_seconds += seconds
+    while trainer.epoch < cfg.epochs and not trainer.finished:
+        epoch = trainer.epoch
+        loss, accuracy, images, seconds = trainer.train_epoch(show_progress)
         test = trainer.evaluate()
         record = {
             "epoch": epoch + 1,
@@ -277,33 +459,16 @@ def fit(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
             "images_per_second": images / seconds if seconds > 0 else 0.0,
             "epoch_seconds": seconds,
             "lr": trainer.optimizer.param_groups[0]["lr"],
+            "global_step": trainer.global_step,
         }
         run.append_metrics(record)
         log(env, f"epoch {epoch + 1}/{cfg.epochs}  train_loss {loss:.4f}  train_acc {accuracy:.2%}  "
                  f"test_loss {test.loss:.4f}  test_acc {test.accuracy:.2%} "
                  f"({test.correct}/{test.total})  {record['images_per_second']:,.0f} img/s  "
                  f"{seconds:.1f}s")
-
-    assert test is not None
-    summary = {
-        "test_accuracy": test.accuracy,
-        "test_correct": test.correct,
-        "test_total": test.total,
-        "test_loss": test.loss,
-        "world_size": env.world_size,
-        "train_seconds": train_seconds,
-        "epochs": cfg.epochs,
-        "model": cfg.model,
-        "recipe": cfg.recipe,
-        "per_class_accuracy": test.class_accuracy,
-        "per_class_correct": test.class_correct,
-        "per_class_total": test.class_total,
-    }
-    run.save_weights(trainer.model)
-    run.write_summary(summary)
-    log(env, f"done: test accuracy {test.accuracy:.2%} ({test.correct}/{test.total}) in "
-             f"{train_seconds:.1f}s of training; summary in {run.path / 'summary.json'}")
-    return summary
+        trainer.end_epoch(seconds)
+        trainer.save_checkpoint()
+    return test if test is not None else trainer.evaluate()  # resumed after the last epoch
 
 
 def dumps_line(obj: dict[str, Any]) -> str:

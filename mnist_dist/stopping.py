@@ -1,0 +1,53 @@
+"""Stop signals: SIGTERM, SIGINT and SIGUSR1 only set a flag; the ranks agree on it at a step boundary.
+
+A signal may reach a single rank (``kill`` of one worker, a scheduler that signals one process):
+``agreed()`` takes the MAX of every rank's flag with one all_reduce, so all ranks stop at the same
+step and save the same checkpoint. A second Ctrl-C interrupts at once.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+from .dist import DistEnv
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class StopRequest:
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> "StopRequest":
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        self.signum = self.signum or signum
+
+    def agreed(self, env: DistEnv) -> int:
+        """The signal number any rank received (0 if none). A collective: call on every rank."""
+        if not env.distributed:
+            return self.signum
+        flag = torch.tensor([self.signum], dtype=torch.int64, device=env.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
