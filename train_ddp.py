@@ -5,6 +5,9 @@
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=4 \\
         --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT train_ddp.py   # on each of 2 nodes
     sbatch slurm/train.sbatch                                   # SLURM, 1..N nodes
+    torchrun --standalone --nproc_per_node=4 train_ddp.py --engine accelerate   # via Accelerator
+    accelerate launch --multi_gpu --num_processes 4 --num_machines 1 --mixed_precision bf16 \
+        --dynamo_backend no train_ddp.py --engine accelerate  # (either engine; works on CPU too)
 
 Flags: `python train_ddp.py --help`. Same as `mnist-dist train` / `python -m mnist_dist train`.
 """
@@ -14,14 +17,14 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from mnist_dist import dist
-from mnist_dist.cli import guarded, parse_train_args
+from mnist_dist.cli import guarded, parse_train_args, setup_engine
 from mnist_dist.train import fit
 
 
 @record  # a failing rank's traceback is written for torchrun to report with its rank
 def main() -> None:
     cfg = parse_train_args(sys.argv[1:])  # parse (and validate before any collective)
-    env = dist.setup(cfg.backend, cfg.device, cfg.dist_timeout, cfg.threads)  # set up
+    env = setup_engine(cfg)  # set up: our dist.setup, or the Accelerator (--engine accelerate)
     try:
         fit(cfg, env)  # train
         env.barrier()  # every rank done with its last collective before the group goes away

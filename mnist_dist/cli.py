@@ -84,12 +84,23 @@ def parse_train_args(argv: Sequence[str] | None, world_size: int | None = None) 
     return cfg
 
 
+def setup_engine(cfg: TrainConfig):
+    """The DistEnv for ``cfg.engine``: our dist.setup, or one read from accelerate's Accelerator."""
+    from . import dist
+
+    if cfg.engine == "accelerate":
+        from .engine_accelerate import setup
+
+        return setup(cfg)
+    return dist.setup(cfg.backend, cfg.device, cfg.dist_timeout, cfg.threads)
+
+
 def train_command(argv: Sequence[str]) -> int:
     from . import dist
     from .train import fit
 
     cfg = parse_train_args(argv)
-    env = dist.setup(cfg.backend, cfg.device, cfg.dist_timeout, cfg.threads)
+    env = setup_engine(cfg)
     try:
         fit(cfg, env)
         env.barrier()  # every rank done with its last collective before the group goes away

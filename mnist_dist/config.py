@@ -19,6 +19,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 BACKENDS = ("auto", "nccl", "gloo")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 BEST_EPOCHS = 10
+ENGINES = ("ddp", "accelerate")
 
 
 def _f(default: Any, help: str) -> Any:
@@ -97,6 +98,10 @@ class TrainConfig:
                             "--target-accuracy (0 = only at epoch ends)")
     target_accuracy: float = _f(0.99, "test accuracy whose first reaching is timed (summary.json "
                                       "seconds_to_target, steps_to_target)")
+    # --- engine (issue 7) ---
+    engine: str = _f("ddp", "ddp: our own DDP loop | accelerate: the same loop, data order, metrics and "
+                            "outputs, with accelerate.Accelerator doing device placement, DDP, "
+                            "mixed precision (--amp) and backward")
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -171,6 +176,7 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
         ("--optimizer", cfg.optimizer, OPTIMIZERS),
         ("--backend", cfg.backend, BACKENDS),
         ("--device", cfg.device, ("auto", "cpu", "cuda")),
+        ("--engine", cfg.engine, ENGINES),
     ):
         if value not in choices:
             raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")

@@ -49,6 +49,9 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()  # the accelerate engine overrides this (accelerator.backward)
+
 
 def resolve_precision(mode: str, device: torch.device) -> Precision:
     """auto: bf16 on CUDA devices that support it, else fp16 + GradScaler; off on the CPU."""
@@ -145,7 +148,7 @@ class Trainer:
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         scaler = self.precision.scaler
-        scaler.scale(loss).backward()
+        self.precision.backward(loss)
         if self.cfg.grad_clip > 0:
             scaler.unscale_(self.optimizer)  # clip the true gradients, never the scaled ones
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -355,7 +358,11 @@ def build_trainer(cfg: TrainConfig, env: DistEnv) -> Trainer:
                                      cfg.num_workers)
     model = speed.prepare_model(build_model(cfg.model), cfg, env).to(device)
     wrapped = model
-    if env.distributed:
+    if cfg.engine == "accelerate":  # accelerate places, wraps (DDP) and autocasts the model
+        from .engine_accelerate import prepare_model
+
+        wrapped, precision = prepare_model(env, model)
+    elif env.distributed:
         wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     wrapped = speed.compile_model(wrapped, cfg)
     optimizer = build_optimizer(cfg, model.parameters())
