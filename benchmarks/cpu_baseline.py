@@ -29,7 +29,8 @@ def run_job(out: Path, *args: str, nproc: int = 0) -> dict:
     launcher = [sys.executable]
     if nproc:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*launcher, str(REPO / "train_ddp.py"), "--no-progress", "--out-dir", str(out), *args]
+    cmd = [*launcher, str(REPO / "train_ddp.py"), "--no-progress", "--no-plots", "--no-export",
+           "--out-dir", str(out), *args]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((out / "summary.json").read_text())
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

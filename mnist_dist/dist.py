@@ -124,15 +124,37 @@ def setup(backend: str = "auto", device: str = "auto", timeout_s: float = 300.0,
     if launched_by_torchrun():
         chosen_backend = pick_backend(backend, dev)
         if not dist.is_initialized():
+            timeout = datetime.timedelta(seconds=timeout_s)
+            store = elastic_attempt_store(world_size, timeout)
             dist.init_process_group(
                 backend=chosen_backend,
-                init_method="env://",
-                timeout=datetime.timedelta(seconds=timeout_s),
+                init_method=None if store is not None else "env://",
+                store=store,
+                rank=rank if store is not None else -1,
+                world_size=world_size if store is not None else -1,
+                timeout=timeout,
                 device_id=dev if chosen_backend == "nccl" else None,
             )
     elif world_size > 1:
         raise UserError("WORLD_SIZE > 1 but MASTER_ADDR is not set; launch with torchrun")
     return DistEnv(rank, local_rank, world_size, local_world_size, dev, chosen_backend)
+
+
+def elastic_attempt_store(world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """The torchrun agent's store, with a key prefix per restart attempt (None: use env:// as is).
+
+    With the c10d rendezvous, torchrun shares ONE TCPStore (the agent's) with its workers for the
+    whole job, but torch's env:// handler assumes a fresh store per attempt and adds no prefix. After
+    an elastic restart a new worker can then read the previous attempt's gloo addresses and fail with
+    "connectFullMesh ... Connection refused" (seen here about one restart in three). Prefixing the
+    keys with TORCHELASTIC_RESTART_COUNT keeps the attempts apart.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"mnist-dist/attempt_{attempt}/", store)
 
 
 def teardown() -> None:

