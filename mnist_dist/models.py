@@ -49,6 +49,10 @@ class FastCNN(nn.Sequential):
         )
 
 
+def _conv_bn(c_in: int, c_out: int, kernel: int, padding: int = 0) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, kernel, padding=padding, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+
 class BestCNN(nn.Sequential):
     """The ``best`` recipe's network: three conv + BatchNorm blocks, ~3 M multiply-adds per image.
 
