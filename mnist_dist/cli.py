@@ -26,6 +26,15 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def add_location_args(parser: argparse.ArgumentParser, run_dir: bool, data_dir: bool) -> None:
+    """--run-dir / --data-dir, the same for every subcommand that takes them."""
+    if run_dir:
+        parser.add_argument("--run-dir", required=True, help="run directory written by training")
+    if data_dir:
+        parser.add_argument("--data-dir", default=None,
+                            help="MNIST root (default: $MNIST_DATA_DIR, else ./data)")
+
+
 def build_train_parser(prog: str = "mnist-dist train") -> argparse.ArgumentParser:
     from .models import MODELS
 
@@ -120,8 +129,7 @@ def evaluate_command(argv: Sequence[str]) -> int:
         description="Evaluate a run's final weights on all 10,000 test images (exact at any world "
                     "size; run alone or under torchrun). Prints one JSON line.",
     )
-    parser.add_argument("--run-dir", required=True, help="run directory written by training")
-    parser.add_argument("--data-dir", default=None, help="MNIST root (default: $MNIST_DATA_DIR, else ./data)")
+    add_location_args(parser, run_dir=True, data_dir=True)
     parser.add_argument("--batch-size", type=int, default=1000, help="per-rank evaluation batch")
     parser.add_argument("--no-download", dest="download", action="store_false",
                         help="fail instead of downloading missing MNIST files")
@@ -163,7 +171,7 @@ def download_command(argv: Sequence[str]) -> int:
         prog="mnist-dist download",
         description="Only download MNIST (e.g. on a login node with internet), then exit.",
     )
-    parser.add_argument("--data-dir", default=None, help="MNIST root (default: $MNIST_DATA_DIR, else ./data)")
+    add_location_args(parser, run_dir=False, data_dir=True)
     args = parser.parse_args(argv)
     root = data.resolve_data_dir(args.data_dir)
     if data.missing_files(root):

@@ -182,20 +182,14 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
             raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise UserError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
-    if cfg.grad_clip < 0:
-        raise UserError(f"--grad-clip must be >= 0, got {cfg.grad_clip}")
-    if cfg.num_workers < 0:
-        raise UserError(f"--num-workers must be >= 0, got {cfg.num_workers}")
-    if cfg.dist_timeout <= 0:
-        raise UserError(f"--dist-timeout must be positive, got {cfg.dist_timeout}")
-    if cfg.threads < 0:
-        raise UserError(f"--threads must be >= 0, got {cfg.threads}")
-    if cfg.checkpoint_every < 0:
-        raise UserError(f"--checkpoint-every must be >= 0, got {cfg.checkpoint_every}")
-    if cfg.keep < 0:
-        raise UserError(f"--keep must be >= 0, got {cfg.keep}")
-    if cfg.stop_check_every <= 0:
-        raise UserError(f"--stop-check-every must be positive, got {cfg.stop_check_every}")
+    for flag, value in (("--grad-clip", cfg.grad_clip), ("--num-workers", cfg.num_workers),
+                        ("--threads", cfg.threads), ("--checkpoint-every", cfg.checkpoint_every),
+                        ("--keep", cfg.keep)):
+        if value < 0:
+            raise UserError(f"{flag} must be >= 0, got {value}")
+    for flag, value in (("--dist-timeout", cfg.dist_timeout), ("--stop-check-every", cfg.stop_check_every)):
+        if value <= 0:
+            raise UserError(f"{flag} must be positive, got {value}")
     if cfg.log_every <= 0:
         raise UserError(f"--log-every must be positive, got {cfg.log_every}")
     from .tracking import validate_tracking  # --wandb-* flags and the optional packages they need

@@ -11,12 +11,14 @@ The fault fires only on global rank R and only while $TORCHELASTIC_RESTART_COUNT
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 
 ENV = "MNIST_DIST_FAULT"
 
 
+@functools.lru_cache(maxsize=1)  # read once: maybe_fail runs after every optimizer step
 def _spec() -> dict[str, str] | None:
     raw = os.environ.get(ENV, "").strip()
     if not raw:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .cli import add_location_args
 from .errors import UserError
 
 EXIT_SOME_FILES_FAILED = 1
@@ -25,7 +26,7 @@ def predict_command(argv: Sequence[str]) -> int:
                     "scaled into 20x20, centred by mass in 28x28, white on black. Prints one line per "
                     "file: PATH<TAB>digit D<TAB>probability P. Exit 1 if any file failed.",
     )
-    parser.add_argument("--run-dir", required=True, help="run directory written by training")
+    add_location_args(parser, run_dir=True, data_dir=False)
     parser.add_argument("--polarity", default="auto", choices=POLARITIES,
                         help="auto: a light border means dark ink on light paper, which is inverted; "
                              "or force light-on-dark (as MNIST) / dark-on-light")
@@ -59,8 +60,7 @@ def plot_command(argv: Sequence[str]) -> int:
         description="Redraw curves.png, confusion_matrix.png and mistakes.png from a run directory "
                     "(metrics.jsonl, confusion_matrix.json and the MNIST test images).",
     )
-    parser.add_argument("--run-dir", required=True, help="run directory written by training")
-    parser.add_argument("--data-dir", default=None, help="MNIST root (default: $MNIST_DATA_DIR, else ./data)")
+    add_location_args(parser, run_dir=True, data_dir=True)
     args = parser.parse_args(argv)
     if not Path(args.run_dir).is_dir():
         raise UserError(f"run directory {args.run_dir} does not exist")
@@ -78,7 +78,7 @@ def export_command(argv: Sequence[str]) -> int:
         description="Write RUN_DIR/model.pt2 (torch.export, input normalisation included) from the "
                     "run's model.pt, e.g. for a run trained with --no-export.",
     )
-    parser.add_argument("--run-dir", required=True, help="run directory written by training")
+    add_location_args(parser, run_dir=True, data_dir=False)
     args = parser.parse_args(argv)
     model, config = load_run_model(args.run_dir, map_location="cpu")
     print(save_export(model, bool(config.get("normalize", True)), args.run_dir), flush=True)
