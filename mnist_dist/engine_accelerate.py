@@ -3,9 +3,11 @@ doing device placement, DDP wrapping, mixed precision and backward.
 
 What Accelerator does, and what stays ours (and why):
 
-* ``Accelerator(cpu=...)`` creates THE process group (gloo on the CPU, nccl on CUDA) and picks the
+* Under a launcher we create THE process group first, with ``dist.join_process_group`` (gloo on the
+  CPU, nccl on CUDA; the per-attempt elastic store and the early imports of ``dist.py``), and
+  ``Accelerator(cpu=...)`` adopts it (it only creates a group when none exists) and picks the
   device. Our ``DistEnv`` is read from its state, so there is exactly one process group and our
-  collectives (exact evaluation, training sums, barriers) run on the group accelerate created.
+  collectives (exact evaluation, training sums, barriers) run on it.
   ``cpu=True`` whenever the device is the CPU: without it accelerate sees ONE process on a machine
   without CUDA, even under ``torchrun`` (measured with accelerate 1.15, see the team guide).
 * ``accelerator.prepare_model`` moves the model, wraps it in DDP and, for bf16/fp16, patches the
@@ -34,7 +36,8 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
-from .dist import DistEnv, launched_by_torchrun, launcher_world, pick_device, usable_cpu_count
+from .dist import (DistEnv, join_process_group, launched_by_torchrun, launcher_world, pick_backend,
+                   pick_device, usable_cpu_count)
 from .errors import UserError
 from .train import Precision, resolve_precision
 
@@ -109,6 +112,10 @@ def setup(cfg: TrainConfig) -> AccelerateEnv:
     init = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.dist_timeout))
     if backend is not None and (os.environ.get("LOCAL_RANK", "") != "" or world_size > 1):
         init.backend = backend
+    if launched_by_torchrun() and not torch.distributed.is_initialized():
+        # Our own group (per-attempt elastic store, early imports: see dist.py); accelerate adopts
+        # a group that already exists instead of creating one.
+        join_process_group(pick_backend(cfg.backend, wanted), wanted, rank, world_size, cfg.dist_timeout)
     with warnings.catch_warnings():
         # accelerate sets torch threads itself when OMP_NUM_THREADS is unset; we set them below
         warnings.filterwarnings("ignore", message=".*OMP_NUM_THREADS.*")
