@@ -15,6 +15,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "train_ddp.py"
 DEFAULT_SHARED = REPO.parent / "shared" / "data"
+# for runs whose pictures and model.pt2 no test looks at (they cost ~4 s of rank 0's time per run;
+# tests/test_outputs_extra.py and test_tracking.py check them on runs that keep them)
+QUIET = ("--no-progress", "--no-plots", "--no-export")
 
 
 def real_mnist_root() -> Path | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (TRAIN_SCRIPT, assert_one_line_error, child_env, free_port, last_json_line, ok,
+from conftest import (QUIET, TRAIN_SCRIPT, assert_one_line_error, child_env, free_port, last_json_line, ok,
                       python, read_json, run, torchrun)
 from test_train import check_run_dir
 
@@ -43,7 +43,7 @@ def test_both_engines_two_ranks_same_seed_reach_the_target_with_the_same_weights
     for engine in ("ddp", "accelerate"):
         out = tmp_path / engine
         ok(torchrun(2, str(TRAIN_SCRIPT), "--engine", engine, "--seed", "3", "--max-steps", "120",
-                    "--data-dir", str(mnist_root), "--out-dir", str(out), "--no-progress"))
+                    "--data-dir", str(mnist_root), "--out-dir", str(out), *QUIET))
         summary = check_run_dir(out, world_size=2)
         assert summary["test_accuracy"] >= ACCURACY_TARGET, (engine, summary["test_accuracy"])
         config = read_json(out / "config.json")
@@ -65,7 +65,7 @@ def test_accelerate_engine_evaluation_is_exact_at_world_size_3(mnist_root, tmp_p
     one process evaluating the saved weights."""
     out = tmp_path / "three"
     ok(torchrun(3, str(TRAIN_SCRIPT), "--engine", "accelerate", "--batch-size", "240", "--max-steps", "40",
-                "--data-dir", str(mnist_root), "--out-dir", str(out), "--no-progress"))
+                "--data-dir", str(mnist_root), "--out-dir", str(out), *QUIET))
     summary = check_run_dir(out, world_size=3)
     assert summary["test_total"] == 10000
     config = read_json(out / "config.json")
@@ -80,7 +80,7 @@ def test_accelerate_engine_evaluation_is_exact_at_world_size_3(mnist_root, tmp_p
 def test_accelerate_launch_starts_two_real_processes(engine, mnist_root, tmp_path):
     out = tmp_path / engine
     proc = ok(accelerate_launch(2, str(TRAIN_SCRIPT), "--engine", engine, "--max-steps", "20",
-                                "--data-dir", str(mnist_root), "--out-dir", str(out), "--no-progress",
+                                "--data-dir", str(mnist_root), "--out-dir", str(out), *QUIET,
                                 hf_home=tmp_path / "hf"))
     summary = check_run_dir(out, world_size=2)
     config = read_json(out / "config.json")
@@ -95,7 +95,7 @@ def test_accelerate_launch_mixed_precision_flag_reaches_the_engine(mnist_root, t
     (works on the CPU); an explicit --amp would win over the launcher flag."""
     out = tmp_path / "bf16"
     ok(accelerate_launch(2, str(TRAIN_SCRIPT), "--engine", "accelerate", "--max-steps", "40",
-                         "--data-dir", str(mnist_root), "--out-dir", str(out), "--no-progress",
+                         "--data-dir", str(mnist_root), "--out-dir", str(out), *QUIET,
                          hf_home=tmp_path / "hf", launch_flags=("--mixed_precision", "bf16")))
     check_run_dir(out, world_size=2)
     assert read_json(out / "config.json")["amp"] == "bf16"
@@ -105,7 +105,7 @@ def test_accelerate_launch_mixed_precision_flag_reaches_the_engine(mnist_root, t
 def test_accelerate_engine_single_process(mnist_root, tmp_path):
     out = tmp_path / "one"
     ok(python(str(TRAIN_SCRIPT), "--engine", "accelerate", "--max-steps", "10", "--data-dir", str(mnist_root),
-              "--out-dir", str(out), "--no-progress"))
+              "--out-dir", str(out), *QUIET))
     check_run_dir(out, world_size=1)
     assert read_json(out / "config.json")["backend"] is None
 
@@ -126,7 +126,7 @@ def test_accelerate_engine_bad_input(args, env, needle, tmp_path):
 
 
 # 15 steps per epoch, 2 epochs, a checkpoint every 5 steps (as in test_checkpoint.py)
-RESUME_FLAGS = ["--batch-size", "4000", "--epochs", "2", "--checkpoint-every", "5", "--no-progress"]
+RESUME_FLAGS = ["--batch-size", "4000", "--epochs", "2", "--checkpoint-every", "5", *QUIET]
 
 
 def test_accelerate_engine_resume_after_a_crash_is_bitwise_exact(mnist_root, tmp_path):

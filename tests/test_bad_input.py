@@ -7,12 +7,12 @@ import shutil
 import pytest
 import torch
 
-from conftest import (TRAIN_SCRIPT, assert_one_line_error, make_fake_mnist, ok, python, torchrun,
+from conftest import (QUIET, TRAIN_SCRIPT, assert_one_line_error, make_fake_mnist, ok, python, torchrun,
                       write_idx_labels)
 
 
 def train(*args: str, timeout: float = 120):
-    return python(str(TRAIN_SCRIPT), "--no-progress", *args, timeout=timeout)
+    return python(str(TRAIN_SCRIPT), *QUIET, *args, timeout=timeout)
 
 
 @pytest.mark.parametrize("args, needle", [

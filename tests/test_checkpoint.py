@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (TRAIN_SCRIPT, assert_one_line_error, child_env, free_port, ok, python,
+from conftest import (QUIET, TRAIN_SCRIPT, assert_one_line_error, child_env, free_port, ok, python,
                       read_json, read_jsonl, torchrun)
 from mnist_dist import checkpoint
 
 # 15 steps per epoch, 2 epochs: a resume from step 20 is mid-epoch 2, after an epoch boundary.
-FLAGS = ["--batch-size", "4000", "--epochs", "2", "--checkpoint-every", "5", "--no-progress"]
+FLAGS = ["--batch-size", "4000", "--epochs", "2", "--checkpoint-every", "5", *QUIET]
 
 
 def train_flags(mnist_root: Path, out: Path, *extra: str) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, child_env, last_json_line, ok, read_json, run
+from conftest import QUIET, REPO, child_env, last_json_line, ok, read_json, run
 
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
 BASH = shutil.which("bash") or "/bin/bash"
@@ -160,7 +160,7 @@ def test_entrypoint_trains_one_rank_per_visible_gpu_then_evaluates(mnist_root, t
     # two "visible GPUs" on a CPU machine: torchrun starts two ranks, which train on the CPU (gloo)
     out = tmp_path / "run"
     ok(entrypoint("train", "--max-steps", "5", "--device", "cpu", "--threads", "1", "--data-dir",
-                  str(mnist_root), "--out-dir", str(out), "--no-progress", CUDA_VISIBLE_DEVICES="0,1"))
+                  str(mnist_root), "--out-dir", str(out), *QUIET, CUDA_VISIBLE_DEVICES="0,1"))
     summary = read_json(out / "summary.json")
     assert summary["world_size"] == 2 and summary["test_total"] == 10000
     assert read_json(out / "config.json")["config"]["max_steps"] == 5  # the flags reached train_ddp.py

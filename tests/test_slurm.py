@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, child_env, read_json
+from conftest import QUIET, REPO, child_env, read_json
 from slurm_cluster import SlurmCluster, missing_binaries
 
 SBATCH = REPO / "slurm" / "train.sbatch"
@@ -86,7 +86,7 @@ def explain(cluster: SlurmCluster, logs: Path, jid: str, proc=None) -> str:
 
 
 def data_args(mnist_root: Path) -> list[str]:
-    return ["--data-dir", str(mnist_root), "--no-progress"]
+    return ["--data-dir", str(mnist_root), *QUIET]
 
 
 def test_one_node_job_meets_accuracy_target(cluster, job_dirs, mnist_root):

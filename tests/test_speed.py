@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import (TRAIN_SCRIPT, assert_one_line_error, last_json_line, ok, python, read_json,
+from conftest import (QUIET, TRAIN_SCRIPT, assert_one_line_error, last_json_line, ok, python, read_json,
                       read_jsonl, torchrun)
 from mnist_dist import data
 from mnist_dist.config import resolve_config
@@ -104,7 +104,7 @@ def test_prepare_model_converts_batchnorm_only_under_a_cuda_process_group():
 
 # ----------------------------------------------------------------------------- real runs
 def train(mnist_root, out, *args, nproc: int = 0, timeout: float = 300):
-    flags = [str(TRAIN_SCRIPT), "--data-dir", str(mnist_root), "--out-dir", str(out), "--no-progress", *args]
+    flags = [str(TRAIN_SCRIPT), "--data-dir", str(mnist_root), "--out-dir", str(out), *QUIET, *args]
     if nproc:
         return ok(torchrun(nproc, *flags, timeout=timeout))
     return ok(python(*flags, timeout=timeout))
@@ -173,5 +173,5 @@ def test_compiled_short_run_on_cpu(mnist_root, tmp_path):
 ])
 def test_bad_speed_flags(mnist_root, tmp_path, args, needle):
     proc = python(str(TRAIN_SCRIPT), "--data-dir", str(mnist_root), "--out-dir", str(tmp_path / "r"),
-                  "--max-steps", "1", "--no-progress", *args, timeout=120)
+                  "--max-steps", "1", *QUIET, *args, timeout=120)
     assert_one_line_error(proc, needle)

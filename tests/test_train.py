@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import (TRAIN_SCRIPT, child_env, free_port, last_json_line, ok, python, read_json,
+from conftest import (QUIET, TRAIN_SCRIPT, child_env, free_port, last_json_line, ok, python, read_json,
                       read_jsonl, torchrun)
 
 METRIC_KEYS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "test_correct",
@@ -49,7 +49,7 @@ def test_single_process_run_learns(trained_run):
 def test_torchrun_two_ranks(mnist_root, tmp_path):
     out = tmp_path / "run"
     proc = ok(torchrun(2, str(TRAIN_SCRIPT), "--data-dir", str(mnist_root), "--out-dir", str(out),
-                       "--max-steps", "120", "--no-progress"))
+                       "--max-steps", "120", *QUIET))
     summary = check_run_dir(out, world_size=2)
     assert summary["test_accuracy"] >= 0.95
     assert read_json(out / "config.json")["backend"] == "gloo"
@@ -66,7 +66,7 @@ def test_two_node_rendezvous_on_localhost(mnist_root, tmp_path):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node_rank}",
                "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
                "--rdzv_id=twonode", str(TRAIN_SCRIPT), "--data-dir", str(mnist_root), "--out-dir",
-               str(out), "--max-steps", "20", "--no-progress"]
+               str(out), "--max-steps", "20", *QUIET]
         procs.append(subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     try:
@@ -111,7 +111,7 @@ def test_ddp_matches_single_process_with_the_same_global_batch(mnist_root, tmp_p
     from mnist_dist.models import build_model
 
     common = ["--recipe", "seed", "--batch-size", "64", "--max-steps", "20", "--data-dir",
-              str(mnist_root), "--no-progress"]
+              str(mnist_root), *QUIET]
     torch.manual_seed(0)  # the runs seed themselves with --seed 0: this is their initialisation
     init = build_model("seed").state_dict()
     for optimizer, lr, tolerance in (("sgd", "0.05", 1e-5), ("adam", "1e-4", 1e-4)):
@@ -131,7 +131,7 @@ def test_ddp_matches_single_process_with_the_same_global_batch(mnist_root, tmp_p
 def test_classic_dataloader_and_bf16_paths(mnist_root, tmp_path):
     out = tmp_path / "loader"
     ok(torchrun(2, str(TRAIN_SCRIPT), "--loader", "dataloader", "--num-workers", "1", "--amp", "bf16",
-                "--max-steps", "40", "--data-dir", str(mnist_root), "--out-dir", str(out), "--no-progress"))
+                "--max-steps", "40", "--data-dir", str(mnist_root), "--out-dir", str(out), *QUIET))
     config = read_json(out / "config.json")
     assert config["amp"] == "bf16" and config["config"]["loader"] == "dataloader"
     metrics = read_jsonl(out / "metrics.jsonl")
