@@ -213,12 +213,13 @@ class TargetClock:
     The clock is the training loop's own (synchronised, evaluation excluded): mid-epoch
     evaluations every ``eval_every`` steps pause it; epoch-end evaluations happen outside it.
     Resolution: ``eval_every`` steps (or one epoch when 0). All ranks take the same decisions,
-    because the accuracy comes from the exact all_reduce evaluation.
+    because the accuracy comes from the exact all_reduce evaluation. What it has recorded is part
+    of every checkpoint (``state_dict``), so a resumed run reports the time of the first run that
+    reached the target, and the seconds of earlier attempts count (the Trainer's train_seconds).
     """
 
     def __init__(self, every: int = 0, target: float = 1.0) -> None:
         self.every, self.target = every, target  # the defaults only time reaching 100% at epoch ends
-        self.before = 0.0  # training seconds of finished epochs
         self.paused = 0.0  # evaluation seconds inside the current epoch
         self.evaluations = 0
         self.seconds: float | None = None
@@ -242,7 +243,8 @@ class TargetClock:
 
         synchronize(trainer.env.device)
         now = time.perf_counter()
-        train_seconds = self.before + (now - epoch_started - self.paused)
+        # finished epochs + this epoch before a resume + this epoch since, without evaluations
+        train_seconds = trainer.train_seconds + trainer.epoch_seconds + (now - epoch_started - self.paused)
         result = trainer.evaluate()
         self.evaluations += 1
         self._record(result.accuracy, train_seconds, trainer.global_step)
@@ -251,17 +253,25 @@ class TargetClock:
     def end_epoch(self, raw_seconds: float) -> float:
         """The epoch's training seconds without mid-epoch evaluations."""
         seconds = raw_seconds - self.paused
-        self.before += seconds
         self.paused = 0.0
         return seconds
 
-    def epoch_evaluated(self, accuracy: float, global_step: int) -> None:
-        self._record(accuracy, self.before, global_step)
+    def epoch_evaluated(self, accuracy: float, train_seconds: float, global_step: int) -> None:
+        self._record(accuracy, train_seconds, global_step)
 
     def _record(self, accuracy: float, train_seconds: float, global_step: int) -> None:
         if not self.reached and accuracy >= self.target:
             self.seconds, self.steps, self.accuracy = train_seconds, global_step, accuracy
             self.reached_unix = time.time()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"evaluations": self.evaluations, "seconds": self.seconds, "steps": self.steps,
+                "accuracy": self.accuracy, "reached_unix": self.reached_unix}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.evaluations = int(state.get("evaluations", 0))
+        self.seconds, self.steps = state.get("seconds"), state.get("steps")
+        self.accuracy, self.reached_unix = state.get("accuracy"), state.get("reached_unix")
 
 
 def summary_fields(trainer: Any, warmup_seconds: float) -> dict[str, Any]:

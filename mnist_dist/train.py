@@ -222,7 +222,9 @@ class Trainer:
                                                                                    device=env.device)
         all_reduce_sum(sums, env)
         in_epoch = self.step_in_epoch > 0 and self.epoch_started > 0
-        elapsed = self.epoch_seconds + (time.perf_counter() - self.epoch_started if in_epoch else 0.0)
+        # this epoch's training seconds so far, without the clock's mid-epoch evaluation pauses
+        elapsed = self.epoch_seconds + (time.perf_counter() - self.epoch_started - self.clock.paused
+                                        if in_epoch else 0.0)
         path = None
         if env.is_main:
             state = {
@@ -242,6 +244,7 @@ class Trainer:
                 "config": self.cfg.to_json(),
                 "world_size": env.world_size,
                 "tracker_run_id": self.tracker_run_id,
+                "target_clock": self.clock.state_dict(),
             }
             path = str(checkpoint.save(self.cfg.out_dir, state, self.cfg.keep))
         env.barrier()  # nobody leaves (or exits) before the file is complete
@@ -269,6 +272,7 @@ class Trainer:
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.epoch_seconds = float(state.get("epoch_seconds", 0.0)) if self.step_in_epoch else 0.0
         self.tracker_run_id = state.get("tracker_run_id")
+        self.clock.load_state_dict(state.get("target_clock", {}))
         self.sums = TrainSums(env.device)
         if self.step_in_epoch and env.is_main:  # the saved sums are already the sum over ranks
             self.sums.sums.copy_(state["train_sums"].to(env.device))
@@ -469,7 +473,7 @@ def train_epochs(trainer: Trainer, run: RunDir, show_progress: bool) -> EvalResu
         epoch = trainer.epoch
         loss, accuracy, images, seconds = trainer.train_epoch(show_progress)
         test = trainer.evaluate()
-        trainer.clock.epoch_evaluated(test.accuracy, trainer.global_step)
+        trainer.clock.epoch_evaluated(test.accuracy, trainer.train_seconds + seconds, trainer.global_step)
         record = {
             "epoch": epoch + 1,
             "train_loss": loss,

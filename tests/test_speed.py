@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import (QUIET, TRAIN_SCRIPT, assert_one_line_error, last_json_line, ok, python, read_json,
+from conftest import (QUIET, TRAIN_SCRIPT, assert_one_line_error, child_env, last_json_line, ok, python, read_json,
                       read_jsonl, torchrun)
 from mnist_dist import data
 from mnist_dist.config import resolve_config
@@ -151,6 +151,23 @@ def test_time_to_target_with_mid_epoch_evaluation(mnist_root, tmp_path):
     # an unreachable target stays unreached (no number is made up)
     train(mnist_root, tmp_path / "never", "--max-steps", "5", "--target-accuracy", "1.0")
     assert read_json(tmp_path / "never" / "summary.json")["seconds_to_target"] is None
+
+
+def test_time_to_target_survives_a_crash_and_resume(mnist_root, tmp_path):
+    """The clock's record travels in checkpoints: reached at step 10 or 20, checkpointed at 25,
+    crashed at 32, resumed -> the same step and accuracy as the uninterrupted run (a clock that
+    restarted at the resume would first look again at step 30)."""
+    flags = ["--max-steps", "40", "--eval-every", "10", "--target-accuracy", "0.8", "--checkpoint-every", "25"]
+    train(mnist_root, tmp_path / "straight", *flags)
+    crashed = tmp_path / "crashed"
+    args = [str(TRAIN_SCRIPT), "--data-dir", str(mnist_root), "--out-dir", str(crashed), *QUIET, *flags]
+    assert python(*args, env=child_env(MNIST_DIST_FAULT="raise,rank=0,step=32")).returncode != 0
+    ok(python(*args, "--resume", "auto"))
+    straight, resumed = (read_json(tmp_path / name / "summary.json") for name in ("straight", "crashed"))
+    assert straight["steps_to_target"] in (10, 20)
+    for key in ("steps_to_target", "accuracy_at_target", "mid_epoch_evaluations", "test_correct"):
+        assert resumed[key] == straight[key], key
+    assert 0 < resumed["seconds_to_target"] <= resumed["train_seconds"]
 
 
 @pytest.mark.slow
