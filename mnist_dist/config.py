@@ -187,11 +187,10 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
                         ("--keep", cfg.keep)):
         if value < 0:
             raise UserError(f"{flag} must be >= 0, got {value}")
-    for flag, value in (("--dist-timeout", cfg.dist_timeout), ("--stop-check-every", cfg.stop_check_every)):
+    for flag, value in (("--dist-timeout", cfg.dist_timeout), ("--stop-check-every", cfg.stop_check_every),
+                        ("--log-every", cfg.log_every)):
         if value <= 0:
             raise UserError(f"{flag} must be positive, got {value}")
-    if cfg.log_every <= 0:
-        raise UserError(f"--log-every must be positive, got {cfg.log_every}")
     from .tracking import validate_tracking  # --wandb-* flags and the optional packages they need
 
     validate_tracking(cfg)

@@ -53,11 +53,12 @@ def export_program(model: nn.Module, normalize: bool) -> torch.export.ExportedPr
 
 def save_export(model: nn.Module, normalize: bool, run_dir: str | os.PathLike) -> Path:
     """Write ``run_dir/model.pt2`` atomically (tmp file, then rename)."""
+    from .outputs import atomic_path
+
     path = Path(run_dir) / EXPORT_FILE
     program = export_program(model, normalize)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{EXPORT_FILE}")  # torch wants a .pt2 suffix
-    torch.export.save(program, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.export.save(program, str(tmp))
     return path
 
 

@@ -8,11 +8,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -35,14 +36,26 @@ def default_run_dir() -> str:
     return str(candidate)
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name beside ``path`` for the caller to write; then fsync and rename it to ``path``,
+    so readers never see a partial file. The name keeps ``path``'s suffix (matplotlib and
+    torch.export choose the format by it). On an error the temporary file is removed.
+    (checkpoint.save does the same by hand, with a fault-injection point before the rename.)"""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name, fsync, then rename: readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -95,11 +108,8 @@ class RunDir:
         if not self.enabled:
             return
         state = clean_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        tmp = self.path / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
-        torch.save(state, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path / WEIGHTS_FILE)
+        with atomic_path(self.path / WEIGHTS_FILE) as tmp:
+            torch.save(state, tmp)
 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .outputs import atomic_path
 
 CURVES_FILE = "curves.png"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -39,9 +40,8 @@ def pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
 
 
 def draw_curves(metrics: list[dict[str, Any]], path: Path) -> None:

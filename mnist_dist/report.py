@@ -18,6 +18,7 @@ import torch
 
 from .data import NUM_CLASSES, eval_shard
 from .dist import DistEnv
+from .outputs import atomic_write_bytes
 from .metrics import all_reduce_sum
 
 
@@ -59,9 +60,7 @@ def confusion(labels: torch.Tensor, predicted: torch.Tensor) -> dict[str, Any]:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
 def write_final_outputs(trainer, run_dir: str | os.PathLike) -> None:
