@@ -14,22 +14,18 @@ Flags: `python train_ddp.py --help`. Same as `mnist-dist train` / `python -m mni
 
 import sys
 
-from torch.distributed.elastic.multiprocessing.errors import record
-
-from mnist_dist import dist
-from mnist_dist.cli import guarded, parse_train_args, setup_engine
+from mnist_dist.cli import guarded, parse_train_args, record, setup_engine
 from mnist_dist.train import fit
 
 
-@record  # a failing rank's traceback is written for torchrun to report with its rank
+@record  # under torchrun, a failing rank's traceback is written for torchrun to report with its rank
 def main() -> None:
     cfg = parse_train_args(sys.argv[1:])  # parse (and validate before any collective)
-    env = setup_engine(cfg)  # set up: our dist.setup, or the Accelerator (--engine accelerate)
+    engine = setup_engine(cfg)  # set up: process group, device, precision (mnist_dist/engines/)
     try:
-        fit(cfg, env)  # train
-        env.barrier()  # every rank done with its last collective before the group goes away
+        fit(cfg, engine)  # train; ends with the ranks' last barrier
     finally:
-        dist.teardown()  # tear down, also on error
+        engine.teardown()  # tear down, also on error
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@
    7 epochs (`--recipe seed --loader dataloader --num-workers 0`).
 2. Our default recipe (one epoch, data held as tensors), over several seeds (median reported).
 3. Throughput of 1 rank x 2 threads vs 2 ranks x 1 thread (torchrun, gloo), same global batch.
+4. Start-up and epilogue: the README's `python train_ddp.py` as a whole process (pictures and
+   model.pt2 included), its wall time against its own train_seconds (target: whole process <= 2x),
+   and when its result line (`done: ...`) appeared. `--only-startup` runs just this part.
 
 Every run is a real `train_ddp.py` process; figures come from its summary.json / metrics.jsonl.
 Training seconds exclude start-up and evaluation (the loop is timed with synchronisation).
@@ -20,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,13 +42,46 @@ def run_job(out: Path, *args: str, nproc: int = 0) -> dict:
     return summary
 
 
+def run_whole_process(out: Path) -> dict:
+    """The README's default command, timed from process start to exit (nothing skipped)."""
+    cmd = [sys.executable, str(REPO / "train_ddp.py"), "--no-progress", "--out-dir", str(out)]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    result_line_s = None
+    for line in proc.stdout:
+        if line.startswith("done:") and result_line_s is None:
+            result_line_s = time.perf_counter() - started
+    if proc.wait() != 0:
+        sys.exit(f"{' '.join(cmd)} failed with exit {proc.returncode}")
+    wall = time.perf_counter() - started
+    summary = json.loads((out / "summary.json").read_text())
+    return {"wall_s": wall, "result_line_s": result_line_s, "train_s": summary["train_seconds"],
+            "ratio": wall / summary["train_seconds"], "test_accuracy": summary["test_accuracy"]}
+
+
+def startup(runs: int, tmp: Path) -> None:
+    rows = [run_whole_process(tmp / f"whole{i}") for i in range(runs)]
+    print(f"\n{'whole process (python train_ddp.py)':38s} {'wall s':>7s} {'result s':>9s} {'train s':>8s} {'ratio':>6s}")
+    for i, r in enumerate(rows):
+        print(f"{'run ' + str(i):38s} {r['wall_s']:7.1f} {r['result_line_s']:9.1f} {r['train_s']:8.1f} "
+              f"{r['ratio']:6.2f}")
+    print(f"median whole process / train_seconds: {statistics.median(r['ratio'] for r in rows):.2f}x "
+          f"(target <= 2x; pictures and model.pt2 included)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3, help="seeds for the default recipe")
     parser.add_argument("--skip-notebook", action="store_true", help="skip the ~3.5 min notebook run")
+    parser.add_argument("--startup-runs", type=int, default=3, help="whole-process runs for part 4")
+    parser.add_argument("--only-startup", action="store_true", help="run part 4 only")
     args = parser.parse_args()
     if not os.environ.get("MNIST_DATA_DIR"):
         sys.exit("set MNIST_DATA_DIR to a directory holding MNIST/raw")
+    if args.only_startup:
+        with tempfile.TemporaryDirectory() as tmp:
+            startup(args.startup_runs, Path(tmp))
+        return
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,6 +96,7 @@ def main() -> None:
             rows.append((f"default recipe, seed {s} (1 epoch)", r))
         one_by_two = run_job(tmp / "1x2", "--threads", "2")
         two_by_one = run_job(tmp / "2x1", nproc=2)
+        startup(args.startup_runs, tmp)
 
     print(f"\n{'run':52s} {'train s':>8s} {'test acc':>9s} {'img/s':>8s}")
     for name, r in rows:

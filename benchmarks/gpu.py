@@ -136,16 +136,17 @@ def sync_check(train_args: list[str]) -> None:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from mnist_dist import dist, speed
-    from mnist_dist.cli import parse_train_args
-    from mnist_dist.metrics import TrainSums
+    from mnist_dist.cli import parse_train_args, setup_engine
+    from mnist_dist.loop.evaluate import TrainSums
+    from mnist_dist.loop.warmup import warm_up
     from mnist_dist.train import build_trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = parse_train_args([*train_args, "--out-dir", tmp, "--no-progress"])
-        env = dist.setup(cfg.backend, cfg.device, cfg.dist_timeout, cfg.threads)
-        trainer = build_trainer(cfg, env)
-        speed.warm_up(trainer, 5)
+        engine = setup_engine(cfg)
+        env = engine.env
+        trainer = build_trainer(cfg, engine)
+        warm_up(trainer, 5)
         sums = TrainSums(env.device)
         batches = trainer.batches.epoch(0)
         x, y = next(batches)  # builds this epoch's order on the device (one copy per epoch)

@@ -19,7 +19,6 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 BACKENDS = ("auto", "nccl", "gloo")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 BEST_EPOCHS = 10
-ENGINES = ("ddp", "accelerate")
 
 
 def _f(default: Any, help: str) -> Any:
@@ -67,7 +66,7 @@ class TrainConfig:
     keep: int = _f(3, "keep the newest K checkpoints in <out-dir>/checkpoints (0 keeps all)")
     resume: str = _f("", "auto (newest complete checkpoint in --out-dir, else start fresh) or a checkpoint PATH")
     stop_check_every: int = _f(10, "optimizer steps between the ranks' agreement on a stop signal (one all_reduce)")
-    # --- tracking, pictures, export (mnist_dist/tracking.py, plots.py, export.py) ---
+    # --- tracking, pictures, export (mnist_dist/outputs/tracking.py, plots.py, export.py) ---
     wandb: bool = _f(False, "log to Weights & Biases from global rank 0 (needs the `track` extra)")
     wandb_mode: str = _f("", "online | offline | disabled; empty = $WANDB_MODE, else online "
                              "(online without an API key falls back to offline)")
@@ -79,7 +78,7 @@ class TrainConfig:
     wandb_every: int = _f(50, "optimizer steps between logged loss/lr points (each is one host sync)")
     plots: bool = _f(True, "write curves.png, confusion_matrix.png/.json, mistakes.png (needs matplotlib)")
     export: bool = _f(True, "write model.pt2: a torch.export program with the input normalisation")
-    # --- speed and the best recipe (issue 8; the logic lives in mnist_dist/speed.py) ---
+    # --- speed and the best recipe (data/augment.py, engines/prepare.py, loop/warmup.py, loop/clock.py) ---
     augment: bool = _f(False, "random rotation/shift/zoom of each training batch on the device, "
                               "seeded from (seed, rank, epoch): resumable and reproducible")
     aug_degrees: float = _f(10.0, "--augment: max rotation in degrees")
@@ -150,6 +149,7 @@ def resolve_config(recipe: str, overrides: dict[str, Any]) -> TrainConfig:
 
 def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     """Checks that need no process group; raises UserError with one readable line."""
+    from .engines import engine_names  # finds the engine modules by name, imports none of them
     from .models import MODELS  # local import: models import nothing from config
 
     if cfg.model not in MODELS:
@@ -176,7 +176,7 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
         ("--optimizer", cfg.optimizer, OPTIMIZERS),
         ("--backend", cfg.backend, BACKENDS),
         ("--device", cfg.device, ("auto", "cpu", "cuda")),
-        ("--engine", cfg.engine, ENGINES),
+        ("--engine", cfg.engine, engine_names()),
     ):
         if value not in choices:
             raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
@@ -191,7 +191,7 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
                         ("--log-every", cfg.log_every)):
         if value <= 0:
             raise UserError(f"{flag} must be positive, got {value}")
-    from .tracking import validate_tracking  # --wandb-* flags and the optional packages they need
+    from .outputs.tracking import validate_tracking  # --wandb-* flags and the optional packages they need
 
     validate_tracking(cfg)
     if cfg.compile_mode not in COMPILE_MODES:

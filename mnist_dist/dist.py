@@ -1,4 +1,5 @@
-"""Distributed setup in one audited place: who am I, which device, which backend.
+"""Distributed setup in one audited place: who am I, which device, which backend; the few collectives
+the job uses (sums, gathers, broadcasts of small objects).
 
 Works in three situations:
   * ``python train_ddp.py``: no launcher variables, no process group, world size 1;
@@ -12,7 +13,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -194,3 +195,35 @@ def main_process_first(env: DistEnv, local: bool = True) -> Iterator[None]:
     finally:
         if is_first:
             env.barrier()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device (honest timing); a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- collectives
+def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """In-place SUM over ranks (no-op for a plain single process)."""
+    if env.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not env.distributed:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, env: DistEnv) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not env.distributed:
+        return obj
+    box = [obj if env.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

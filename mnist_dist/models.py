@@ -58,7 +58,7 @@ class BestCNN(nn.Sequential):
 
     conv 32@5x5 -> pool -> conv 48@3x3 (pad 1) -> pool -> conv 96@3x3 -> 96x4x4 -> FC 10.
     Small on purpose: 15 epochs of it still fit a 2-core CPU. Under DDP its BatchNorm layers are
-    converted to SyncBatchNorm by ``mnist_dist.speed.prepare_model``.
+    converted to SyncBatchNorm by ``mnist_dist.engines.prepare.prepare_model``.
     """
 
     def __init__(self) -> None:

@@ -41,7 +41,7 @@ def check_gpus(nproc_per_node: int, gpus_per_node: int) -> str:
 
 
 def check_data(data_dir: str) -> str:
-    from . import data
+    from .data import mnist as data
 
     missing = data.missing_files(data_dir)
     if missing:

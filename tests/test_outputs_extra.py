@@ -186,7 +186,7 @@ def test_predict_on_image_files_agrees_with_the_model_and_reports_bad_files(trai
 def test_image_conversion_polarity_and_blank(tmp_path):
     from PIL import Image
 
-    from mnist_dist.images import ImageError, load_digit
+    from mnist_dist.tools.images import ImageError, load_digit
 
     digit = np.zeros((60, 40), np.uint8)
     digit[10:50, 18:24] = 255  # a "1": white on black
@@ -225,8 +225,8 @@ def test_run_dir_commands_bad_input(command, needle):
 PREDICT_UNDER_TORCHRUN = textwrap.dedent("""
     import json, sys
     from mnist_dist import data, dist
-    from mnist_dist.outputs import load_run_model
-    from mnist_dist.report import confusion, test_predictions
+    from mnist_dist.outputs.rundir import load_run_model
+    from mnist_dist.outputs.report import confusion, test_predictions
 
     run, root = sys.argv[1], sys.argv[2]
     env = dist.setup("gloo", "cpu", 120.0)

@@ -13,7 +13,8 @@ from mnist_dist import data
 from mnist_dist.config import resolve_config
 from mnist_dist.dist import DistEnv
 from mnist_dist.models import build_model
-from mnist_dist.speed import BatchTransform, augment_batch, augment_seed, prepare_model
+from mnist_dist.data.augment import BatchTransform, augment_batch, augment_seed
+from mnist_dist.engines.prepare import prepare_model
 
 CPU = torch.device("cpu")
 

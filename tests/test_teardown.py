@@ -27,7 +27,7 @@ def threads():
 
 engine = sys.argv[1]
 if engine == "accelerate":
-    from mnist_dist.engine_accelerate import setup
+    from mnist_dist.engines.accelerate import setup
     env = setup(TrainConfig(engine="accelerate", device="cpu"))
 else:
     env = dist.setup("gloo", "cpu")

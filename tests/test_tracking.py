@@ -80,7 +80,7 @@ def test_network_down_falls_back_to_offline_and_resume_keeps_the_run_id(tmp_path
         import sys, torch
         from mnist_dist.config import TrainConfig
         from mnist_dist.dist import DistEnv
-        from mnist_dist.tracking import Tracker
+        from mnist_dist.outputs.tracking import Tracker
 
         run_dir = sys.argv[1]
         cfg = TrainConfig(wandb=True, wandb_mode="online", wandb_every=2)

@@ -7,21 +7,14 @@ result covers exactly N images at every world size, including those that do not 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from .data import NUM_CLASSES, eval_shard
-from .dist import DistEnv
-
-
-def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """In-place SUM over ranks (no-op for a plain single process)."""
-    if env.distributed:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+from ..data.batches import eval_shard
+from ..data.mnist import NUM_CLASSES
+from ..dist import DistEnv, all_reduce_sum
 
 
 @dataclass
@@ -31,6 +24,8 @@ class EvalResult:
     total: int
     class_correct: list[int]
     class_total: list[int]
+    shard: slice = field(default_factory=lambda: slice(0, 0))  # this rank's part of the test set
+    predicted: torch.Tensor | None = field(default=None, repr=False)  # its predicted classes (device)
 
     @property
     def accuracy(self) -> float:
@@ -50,6 +45,7 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     device = images.device
     # [loss_sum, correct, count, class_correct x10, class_total x10]; float64 keeps counts exact
     sums = torch.zeros(3 + 2 * NUM_CLASSES, dtype=torch.float64, device=device)
+    predicted = torch.empty(len(y), dtype=torch.int64, device=device)
     was_training = model.training
     model.eval()
     for start in range(0, len(y), batch_size):
@@ -57,7 +53,8 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
         with autocast or contextlib.nullcontext():
             logits = model(xb)
         logits = logits.float()
-        hit = logits.argmax(dim=1) == yb
+        predicted[start:start + batch_size] = logits.argmax(dim=1)
+        hit = predicted[start:start + batch_size] == yb
         sums[0] += F.cross_entropy(logits, yb, reduction="sum").double()
         sums[1] += hit.sum()
         sums[2] += len(yb)
@@ -73,6 +70,8 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
         total=total,
         class_correct=[int(round(v)) for v in s[3:3 + NUM_CLASSES]],
         class_total=[int(round(v)) for v in s[3 + NUM_CLASSES:]],
+        shard=shard,
+        predicted=predicted,
     )
 
 
@@ -81,6 +80,13 @@ class TrainSums:
 
     def __init__(self, device: torch.device) -> None:
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+
+    @classmethod
+    def of(cls, sums: torch.Tensor) -> "TrainSums":
+        """Sums that already exist (e.g. summed over ranks for a checkpoint)."""
+        out = cls.__new__(cls)
+        out.sums = sums
+        return out
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         n = labels.numel()

@@ -13,12 +13,12 @@ import datetime
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
+from ..errors import UserError
 
-from .errors import UserError
-from .models import MODELS, build_model, clean_state_dict
+if TYPE_CHECKING:
+    import torch
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -41,7 +41,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary name beside ``path`` for the caller to write; then fsync and rename it to ``path``,
     so readers never see a partial file. The name keeps ``path``'s suffix (matplotlib and
     torch.export choose the format by it). On an error the temporary file is removed.
-    (checkpoint.save does the same by hand, with a fault-injection point before the rename.)"""
+    (checkpoint/files.py's save does the same by hand, with a fault-injection point before the rename.)"""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
     try:
@@ -107,6 +107,10 @@ class RunDir:
     def save_weights(self, model: torch.nn.Module) -> None:
         if not self.enabled:
             return
+        import torch
+
+        from ..models import clean_state_dict
+
         state = clean_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
         with atomic_path(self.path / WEIGHTS_FILE) as tmp:
             torch.save(state, tmp)
@@ -130,6 +134,10 @@ def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 def load_run_model(run_dir: str | os.PathLike, map_location: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """The run's model with its final weights loaded, plus the run's resolved config."""
+    import torch
+
+    from ..models import MODELS, build_model, clean_state_dict
+
     config = read_run_config(run_dir)["config"]
     name = config.get("model")
     if name not in MODELS:

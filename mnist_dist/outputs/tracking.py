@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .errors import UserError
+from ..errors import UserError
 
 WANDB_MODES = ("online", "offline", "disabled")
 DEFAULT_PROJECT = "mnist-dist"

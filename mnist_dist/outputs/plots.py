@@ -4,20 +4,24 @@
     confusion_matrix.png   true digit x predicted digit counts              (from confusion_matrix.json)
     mistakes.png           misclassified test digits, labelled true → predicted (json + MNIST test images)
 
-``confusion_matrix.json`` itself is written by ``mnist_dist.report`` from exact predictions on all
+``confusion_matrix.json`` itself is written by ``outputs/report.py`` from exact predictions on all
 10,000 test images. Everything here reads files only, so ``python -m mnist_dist plot --run-dir DIR``
-redraws the same pictures later.
+redraws the same pictures later — and the training process draws them with that very command in a
+second process (``start_drawing``), next to its own export. Nothing here imports torch: the drawing
+process starts in well under a second (matplotlib's Figure API, no pyplot).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .outputs import atomic_path
+from ..errors import UserError
+from .rundir import atomic_path
 
 CURVES_FILE = "curves.png"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -26,28 +30,28 @@ MISTAKES_FILE = "mistakes.png"
 MAX_MISTAKES = 36
 
 
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (no display needed); a clear error when missing."""
+def new_figure(**kwargs):
+    """A matplotlib Figure on the Agg canvas (no display, no pyplot); a clear error when missing."""
     from .tracking import require
 
     require("matplotlib", "pictures (--plots / `mnist-dist plot`)")
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(layout="constrained", **kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        fig.savefig(tmp, dpi=110)
 
 
 def draw_curves(metrics: list[dict[str, Any]], path: Path) -> None:
-    plt = pyplot()
     epochs = [m["epoch"] for m in metrics]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = new_figure(figsize=(10, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for split, style in (("train", "o-"), ("test", "s--")):
         ax_loss.plot(epochs, [m[f"{split}_loss"] for m in metrics], style, label=split)
         ax_acc.plot(epochs, [100 * m[f"{split}_accuracy"] for m in metrics], style, label=split)
@@ -58,15 +62,14 @@ def draw_curves(metrics: list[dict[str, Any]], path: Path) -> None:
         ax.legend()
         ax.set_xticks(epochs)
     _save(fig, path)
-    plt.close(fig)
 
 
 def draw_confusion(counts: list[list[int]], path: Path) -> None:
-    plt = pyplot()
     import numpy as np
 
     matrix = np.asarray(counts)
-    fig, ax = plt.subplots(figsize=(7, 6))
+    fig = new_figure(figsize=(7, 6))
+    ax = fig.subplots()
     # log colour scale so that the few mistakes are visible next to ~1,000 correct per class
     image = ax.imshow(np.log1p(matrix), cmap="Blues")
     for t in range(matrix.shape[0]):
@@ -78,23 +81,32 @@ def draw_confusion(counts: list[list[int]], path: Path) -> None:
            title=f"confusion matrix ({matrix.trace()}/{matrix.sum()} correct)")
     fig.colorbar(image, ax=ax, label="log(1 + count)")
     _save(fig, path)
-    plt.close(fig)
 
 
 def draw_mistakes(images_u8, mistakes: list[dict[str, int]], path: Path) -> None:
-    plt = pyplot()
+    """The misclassified digits as one mosaic image (one imshow: fast), each tile labelled true → predicted."""
+    import numpy as np
+
     shown = mistakes[:MAX_MISTAKES]
     cols = 6
     rows = max(1, (len(shown) + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.5, rows * 1.7), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, m in zip(axes.flat, shown):
-        ax.imshow(images_u8[m["index"]].numpy(), cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"{m['label']} → {m['predicted']}", fontsize=10)
-    fig.suptitle(f"misclassified test digits, true → predicted ({len(shown)} of {len(mistakes)})")
+    side, label = 28, 12  # pixels of a digit, and of the strip above it that holds its label
+    cell_w, cell_h = side + 4, side + label
+    mosaic = np.zeros((rows * cell_h, cols * cell_w), dtype=np.uint8)
+    for i, m in enumerate(shown):
+        r, c = divmod(i, cols)
+        y0, x0 = r * cell_h + label, c * cell_w + 2
+        mosaic[y0:y0 + side, x0:x0 + side] = np.asarray(images_u8[m["index"]])
+    fig = new_figure(figsize=(cols * 1.5, rows * 1.7))
+    ax = fig.subplots()
+    ax.imshow(mosaic, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    for i, m in enumerate(shown):
+        r, c = divmod(i, cols)
+        ax.text(c * cell_w + cell_w / 2, r * cell_h + label / 2, f"{m['label']} → {m['predicted']}",
+                ha="center", va="center", color="white", fontsize=10)
+    ax.axis("off")
+    ax.set_title(f"misclassified test digits, true → predicted ({len(shown)} of {len(mistakes)})")
     _save(fig, path)
-    plt.close(fig)
 
 
 def _read_json(path: Path) -> Any:
@@ -108,7 +120,7 @@ def _read_json(path: Path) -> Any:
 
 def draw_all(run_dir: str | os.PathLike, data_dir: str) -> list[Path]:
     """Draw the three pictures from the run directory (and the MNIST test images); return the paths."""
-    from . import data
+    from ..data.mnist import read_split
 
     run = Path(run_dir)
     metrics_path = run / "metrics.jsonl"
@@ -125,7 +137,27 @@ def draw_all(run_dir: str | os.PathLike, data_dir: str) -> list[Path]:
         written.append(run / CURVES_FILE)
     draw_confusion(confusion["counts"], run / CONFUSION_PNG)
     written.append(run / CONFUSION_PNG)
-    images, _ = data.load_split(data_dir, train=False)
+    images, _ = read_split(data_dir, train=False)
     draw_mistakes(images, confusion["mistakes"], run / MISTAKES_FILE)
     written.append(run / MISTAKES_FILE)
     return written
+
+
+def start_drawing(run_dir: str | os.PathLike, data_dir: str) -> subprocess.Popen:
+    """``mnist-dist plot`` in a second process (no torch in it), so the pictures are drawn while this
+    process exports the model; ``finish_drawing`` waits for it."""
+    package_root = str(Path(__file__).resolve().parents[2])  # works from a checkout or an install
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root,
+                                                                     os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "mnist_dist", "plot", "--run-dir", str(run_dir), "--data-dir", str(data_dir)]
+    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish_drawing(proc: subprocess.Popen) -> str | None:
+    """Wait for the drawing process; its error line, or None when all pictures were written."""
+    _, err = proc.communicate()
+    if proc.returncode == 0:
+        return None
+    lines = [line for line in err.splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit code {proc.returncode}"

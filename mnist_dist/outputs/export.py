@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import IMAGE_SIDE, MNIST_MEAN, MNIST_STD
-from .errors import UserError
+from ..data.mnist import IMAGE_SIDE, MNIST_MEAN, MNIST_STD
+from ..errors import UserError
 
 EXPORT_FILE = "model.pt2"
 
@@ -53,7 +53,7 @@ def export_program(model: nn.Module, normalize: bool) -> torch.export.ExportedPr
 
 def save_export(model: nn.Module, normalize: bool, run_dir: str | os.PathLike) -> Path:
     """Write ``run_dir/model.pt2`` atomically (tmp file, then rename)."""
-    from .outputs import atomic_path
+    from .rundir import atomic_path
 
     path = Path(run_dir) / EXPORT_FILE
     program = export_program(model, normalize)
@@ -71,7 +71,7 @@ def load_classifier(run_dir: str | os.PathLike) -> nn.Module:
         except Exception as exc:
             reason = " ".join(str(exc).split())[:200] or type(exc).__name__
             raise UserError(f"{path} is corrupt or unreadable: {reason}") from None
-    from .outputs import load_run_model
+    from .rundir import load_run_model
 
     model, config = load_run_model(run_dir, map_location="cpu")
     return PixelsToLogits(model, bool(config.get("normalize", True))).eval()

@@ -1,9 +1,10 @@
 """End-of-training outputs beyond the core: exact test predictions → confusion_matrix.json, the
 pictures (``plots.py``) and ``model.pt2`` (``export.py``).
 
-Order matters under DDP: every rank first takes part in the one collective (the predictions), and
-only then does global rank 0 alone write files, draw and export — no rank-0-only work ever sits
-inside a collective.
+Order matters under DDP: every rank first takes part in the last collective (``final_predictions``:
+the final evaluation's per-rank predictions assembled on every rank), then the ranks pass their last
+barrier, and only then does global rank 0 alone write files, draw and export while the others
+leave — no rank-0-only work ever sits inside a collective window.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from typing import Any
 
 import torch
 
-from .data import NUM_CLASSES, eval_shard
-from .dist import DistEnv
-from .outputs import atomic_write_bytes
-from .metrics import all_reduce_sum
+from ..data.batches import eval_shard
+from ..data.mnist import NUM_CLASSES
+from ..dist import DistEnv, all_reduce_sum
+from .rundir import atomic_write_bytes
 
 
 @torch.no_grad()
@@ -27,7 +28,7 @@ def test_predictions(model: torch.nn.Module, images: torch.Tensor, env: DistEnv,
                      autocast: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
     """Predicted class of every test image, on every rank. Call on EVERY rank with the raw module.
 
-    Each rank predicts its contiguous shard (as ``metrics.evaluate`` does) into a zero vector of
+    Each rank predicts its contiguous shard (as ``loop/evaluate.py`` does) into a zero vector of
     length N; one all_reduce(SUM) assembles all N predictions exactly (shards are disjoint).
     """
     n = len(images)
@@ -63,25 +64,37 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
-def write_final_outputs(trainer, run_dir: str | os.PathLike) -> None:
-    """Called by ``fit`` on every rank after training: predictions (collective), then rank 0 writes."""
-    from .plots import CONFUSION_JSON
+def final_predictions(result: Any, n: int, env: DistEnv) -> torch.Tensor:
+    """Every test image's predicted class, on every rank, from an evaluation's per-rank predictions
+    (``loop/evaluate.py`` keeps them): one all_reduce(SUM) of disjoint shards, no second forward pass."""
+    predicted = torch.zeros(n, dtype=torch.int64, device=result.predicted.device)
+    predicted[result.shard] = result.predicted
+    return all_reduce_sum(predicted, env).cpu()
 
-    cfg, env = trainer.cfg, trainer.env
+
+def write_final_outputs(run_dir: str | os.PathLike, cfg: Any, model: torch.nn.Module, labels: torch.Tensor,
+                        predicted: torch.Tensor | None) -> None:
+    """Rank 0 only, after the last collective: confusion_matrix.json, then the pictures (drawn by a
+    second process) while this one writes model.pt2."""
+    from .plots import CONFUSION_JSON, finish_drawing, start_drawing
+
     run = Path(run_dir)
-    if cfg.plots:
-        predicted = test_predictions(trainer.model, trainer.test_images, env, cfg.eval_batch_size,
-                                     trainer.precision.autocast())
-        if env.is_main:
-            write_json(run / CONFUSION_JSON, confusion(trainer.test_labels, predicted))
-            draw_pictures(run, cfg.data_dir)
-    if cfg.export and env.is_main:
+    drawing = None
+    if cfg.plots and predicted is not None:
+        write_json(run / CONFUSION_JSON, confusion(labels, predicted))
+        if pictures_possible():
+            drawing = start_drawing(run, cfg.data_dir)
+    if cfg.export:
         from .export import save_export
 
-        save_export(trainer.model, cfg.normalize, run)
+        save_export(model, cfg.normalize, run)
+    if drawing is not None and (error := finish_drawing(drawing)):
+        from .tracking import notice
+
+        notice(f"pictures were not drawn ({error}); redraw with `python -m mnist_dist plot --run-dir {run}`")
 
 
-def draw_pictures(run: Path, data_dir: str) -> None:
+def pictures_possible() -> bool:
     """The pictures are a convenience: without matplotlib, one notice line instead of a failure."""
     import importlib.util
 
@@ -90,7 +103,5 @@ def draw_pictures(run: Path, data_dir: str) -> None:
 
         notice("matplotlib is not installed: no pictures (pip install 'mnist-dist[track]', "
                "then `python -m mnist_dist plot --run-dir DIR`)")
-        return
-    from .plots import draw_all
-
-    draw_all(run, data_dir)
+        return False
+    return True

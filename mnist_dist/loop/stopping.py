@@ -12,7 +12,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-from .dist import DistEnv
+from ..dist import DistEnv
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .cli import add_location_args
-from .errors import UserError
+from ..errors import UserError
+from .arguments import add_location_args
 
 EXIT_SOME_FILES_FAILED = 1
 
@@ -16,7 +16,7 @@ EXIT_SOME_FILES_FAILED = 1
 def predict_command(argv: Sequence[str]) -> int:
     import torch
 
-    from .export import load_classifier
+    from ..outputs.export import load_classifier
     from .images import POLARITIES, ImageError, load_digit
 
     parser = argparse.ArgumentParser(
@@ -52,8 +52,8 @@ def predict_command(argv: Sequence[str]) -> int:
 
 
 def plot_command(argv: Sequence[str]) -> int:
-    from .data import resolve_data_dir
-    from .plots import draw_all
+    from ..data.mnist import resolve_data_dir
+    from ..outputs.plots import draw_all
 
     parser = argparse.ArgumentParser(
         prog="mnist-dist plot",
@@ -70,8 +70,8 @@ def plot_command(argv: Sequence[str]) -> int:
 
 
 def export_command(argv: Sequence[str]) -> int:
-    from .export import save_export
-    from .outputs import load_run_model
+    from ..outputs.export import save_export
+    from ..outputs.rundir import load_run_model
 
     parser = argparse.ArgumentParser(
         prog="mnist-dist export",

@@ -1,23 +1,25 @@
-"""MNIST: finding, validating and downloading the files; device-resident tensors; rank shards.
+"""MNIST files: finding, validating, downloading and reading them (torchvision's ``MNIST/raw`` layout).
 
-Training order always comes from ``torch.utils.data.DistributedSampler`` (shuffle, seed,
-``set_epoch``, ``drop_last``), whichever input path is used, so ranks see disjoint shards and
-the two paths (``tensor`` and ``dataloader``) give the same batches in the same order.
-Evaluation uses contiguous, disjoint, unpadded shards instead (see ``eval_shard``).
+Reading is our own IDX parser (the same bytes torchvision reads, bit for bit), so the default
+tensor path never imports torchvision (~2 s here); only downloading and ``--loader dataloader`` do.
+Importing this module imports neither torch nor torchvision (``read_split`` is NumPy only, for the
+pictures process); the functions that return tensors import torch when they run.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING
 
-import torch
-from torch.utils.data import DataLoader, DistributedSampler
+import numpy as np
 
-from .dist import DistEnv, main_process_first
-from .errors import UserError
+from ..errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..dist import DistEnv
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
@@ -117,6 +119,8 @@ def download(root: str | os.PathLike) -> None:
 
 def prepare(root: str, env: DistEnv, allow_download: bool) -> None:
     """Make sure the files exist and are sane. One process per node downloads; others wait."""
+    from ..dist import main_process_first
+
     with main_process_first(env, local=True):
         if env.is_local_main and missing_files(root):
             if not allow_download:
@@ -135,123 +139,59 @@ def raise_missing(root: str) -> None:
     )
 
 
-def load_split(root: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images [N, 28, 28] and int64 labels [N], read by torchvision's MNIST."""
-    from torchvision.datasets import MNIST
-
+def read_idx(path: Path, magic: int) -> np.ndarray:
+    """An IDX file's items as uint8: [N, 28, 28] images or [N] labels (header checked first)."""
+    n = check_idx_file(path, magic)
+    offset = 16 if magic == 2051 else 8
     try:
-        ds = MNIST(root, train=train, download=False)
-    except Exception as exc:
-        raise UserError(f"cannot load MNIST from {raw_dir(root)}: {exc}") from None
-    images, labels = ds.data, ds.targets.long()
-    if labels.numel() and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-        raise UserError(f"corrupt MNIST labels in {raw_dir(root)}: values outside 0..9")
+        items = np.frombuffer(bytearray(path.read_bytes()[offset:]), dtype=np.uint8)  # writable copy
+    except OSError as exc:
+        raise UserError(f"cannot read MNIST file {path}: {exc.strerror}") from None
+    return items.reshape(n, IMAGE_SIDE, IMAGE_SIDE) if magic == 2051 else items
+
+
+def read_split(root: str, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [N, 28, 28] and uint8 labels [N] of one split, checked; NumPy only."""
+    prefix = "train" if train else "t10k"
+    folder = raw_dir(root)
+    missing = [name for name in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+               if not (folder / name).is_file()]
+    if missing:
+        raise UserError(f"cannot load MNIST from {folder}: missing {', '.join(missing)}")
+    images = read_idx(folder / f"{prefix}-images-idx3-ubyte", 2051)
+    labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte", 2049)
+    if len(images) != len(labels):
+        raise UserError(f"corrupt MNIST files in {folder}: {len(images)} images but {len(labels)} labels")
+    if labels.size and labels.max() >= NUM_CLASSES:
+        raise UserError(f"corrupt MNIST labels in {folder}: values outside 0..9")
     return images, labels
+
+
+def load_split(root: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images [N, 28, 28] and int64 labels [N], as torchvision's MNIST reads them."""
+    import torch
+
+    images, labels = read_split(root, train)
+    return torch.from_numpy(images), torch.from_numpy(labels).long()
 
 
 def to_float(images_u8: torch.Tensor, normalize: bool) -> torch.Tensor:
     """uint8 [N, 28, 28] -> float [N, 1, 28, 28], bit-identical to ToTensor (+ Normalize)."""
-    from torchvision.transforms import functional as TF
+    import torch
 
     x = images_u8.unsqueeze(1).to(torch.float32).div(255)
-    if normalize:
-        x = TF.normalize(x, [MNIST_MEAN], [MNIST_STD])
+    if normalize:  # torchvision's Normalize: float32 tensors, subtract, then divide
+        mean = torch.tensor([MNIST_MEAN], dtype=torch.float32, device=x.device).view(-1, 1, 1)
+        std = torch.tensor([MNIST_STD], dtype=torch.float32, device=x.device).view(-1, 1, 1)
+        x = x.sub(mean).div(std)
     return x
 
 
 def classic_transform(normalize: bool):
+    """ToTensor (+ Normalize): the notebook's per-sample pipeline, for ``--loader dataloader``."""
     from torchvision import transforms
 
     steps = [transforms.ToTensor()]
     if normalize:
         steps.append(transforms.Normalize((MNIST_MEAN,), (MNIST_STD,)))
     return transforms.Compose(steps)
-
-
-def train_sampler(n: int, env: DistEnv, seed: int, epoch: int) -> DistributedSampler:
-    sampler = DistributedSampler(
-        range(n), num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed, drop_last=True
-    )
-    sampler.set_epoch(epoch)
-    return sampler
-
-
-def rank_indices(n: int, env: DistEnv, seed: int, epoch: int) -> torch.Tensor:
-    """This rank's sample order for ``epoch`` (disjoint from every other rank's)."""
-    return torch.tensor(list(train_sampler(n, env, seed, epoch)), dtype=torch.long)
-
-
-def steps_per_epoch(n: int, world_size: int, per_rank_batch: int) -> int:
-    return (n // world_size) // per_rank_batch
-
-
-def eval_shard(n: int, rank: int, world_size: int) -> slice:
-    """Contiguous, disjoint, unpadded shard: the union over ranks is exactly range(n)."""
-    return slice(rank * n // world_size, (rank + 1) * n // world_size)
-
-
-@dataclass
-class TensorBatches:
-    """The whole training set on the training device; batches are cut by indexing."""
-
-    images: torch.Tensor  # float [N, 1, 28, 28] on the device
-    labels: torch.Tensor  # int64 [N] on the device
-    env: DistEnv
-    per_rank_batch: int
-    seed: int
-
-    def __len__(self) -> int:
-        return steps_per_epoch(len(self.labels), self.env.world_size, self.per_rank_batch)
-
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = rank_indices(len(self.labels), self.env, self.seed, epoch).to(self.images.device)
-        b = self.per_rank_batch
-        for step in range(start_step, len(self)):
-            idx = order[step * b:(step + 1) * b]
-            yield self.images[idx], self.labels[idx]
-
-
-class _SkipSampler(torch.utils.data.Sampler):
-    """A DistributedSampler's order with the first ``skip`` indices removed (mid-epoch resume)."""
-
-    def __init__(self, sampler: DistributedSampler, skip: int) -> None:
-        self.sampler, self.skip = sampler, skip
-
-    def __iter__(self):
-        return iter(list(self.sampler)[self.skip:])
-
-    def __len__(self) -> int:
-        return max(0, len(self.sampler) - self.skip)
-
-
-@dataclass
-class LoaderBatches:
-    """The classic path: torchvision MNIST + ToTensor/Normalize + DataLoader + DistributedSampler."""
-
-    root: str
-    normalize: bool
-    env: DistEnv
-    per_rank_batch: int
-    seed: int
-    num_workers: int
-
-    def __post_init__(self) -> None:
-        from torchvision.datasets import MNIST
-
-        self.dataset = MNIST(self.root, train=True, download=False,
-                             transform=classic_transform(self.normalize))
-
-    def __len__(self) -> int:
-        return steps_per_epoch(len(self.dataset), self.env.world_size, self.per_rank_batch)
-
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        sampler = train_sampler(len(self.dataset), self.env, self.seed, epoch)
-        order = _SkipSampler(sampler, start_step * self.per_rank_batch) if start_step else sampler
-        loader = DataLoader(
-            self.dataset, batch_size=self.per_rank_batch, sampler=order, drop_last=True,
-            num_workers=self.num_workers, pin_memory=self.env.device.type == "cuda",
-            persistent_workers=False,
-        )
-        non_blocking = self.env.device.type == "cuda"
-        for x, y in loader:
-            yield x.to(self.env.device, non_blocking=non_blocking), y.to(self.env.device, non_blocking=non_blocking)

@@ -1,4 +1,7 @@
-"""Full-state checkpoints: atomic, self-describing, loadable with ``weights_only=True``.
+"""Checkpoint files: atomic, self-describing, loadable with ``weights_only=True``.
+
+What goes into a checkpoint, and back out, is ``checkpoint/state.py``; this module only writes,
+lists, prunes and loads the files.
 
 Layout: ``<out-dir>/checkpoints/step-<global step, 8 digits>.pt``. A file with that name is complete
 by construction: it is written under a temporary name, fsynced, then renamed (and the directory
@@ -9,17 +12,15 @@ new complete file — never a partial file with a valid name.
 from __future__ import annotations
 
 import os
-import random
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from . import faults
-from .errors import UserError
+from .. import faults
+from ..errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT = "mnist-dist-checkpoint"
@@ -112,31 +113,3 @@ def newest_loadable(out_dir: str | os.PathLike) -> Path | None:
             continue
         return path
     return None
-
-
-# ---------------------------------------------------------------------------- RNG states as tensors
-def rng_state() -> dict[str, torch.Tensor]:
-    """This process's RNG states (CPU, CUDA, Python, NumPy), all as tensors (weights_only-safe)."""
-    py_version, py_ints, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {
-        "cpu": torch.get_rng_state(),
-        "python": torch.tensor(py_ints, dtype=torch.int64),
-        "python_gauss": torch.tensor([float("nan") if py_gauss is None else py_gauss], dtype=torch.float64),
-        "numpy": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
-        "numpy_extra": torch.tensor([np_pos, np_has_gauss, np_gauss], dtype=torch.float64),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(state["cpu"].cpu().to(torch.uint8))
-    gauss = state["python_gauss"].item()
-    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None if gauss != gauss else gauss))
-    pos, has_gauss, np_gauss = state["numpy_extra"].tolist()
-    np.random.set_state(("MT19937", state["numpy"].cpu().numpy().astype(np.uint32), int(pos),
-                         int(has_gauss), float(np_gauss)))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"].cpu().to(torch.uint8))

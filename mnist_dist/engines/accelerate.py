@@ -35,11 +35,11 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfig
-from .dist import (DistEnv, join_process_group, launched_by_torchrun, launcher_world, pick_backend,
-                   pick_device, usable_cpu_count)
-from .errors import UserError
-from .train import Precision, resolve_precision
+from ..config import TrainConfig
+from ..dist import (DistEnv, join_process_group, launched_by_torchrun, launcher_world, pick_backend,
+                    pick_device, usable_cpu_count)
+from ..errors import UserError
+from .base import Engine, Precision, resolve_precision
 
 # accelerate's names for our --amp values
 _TO_ACCELERATE = {"off": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -48,23 +48,9 @@ _FROM_ACCELERATE = {"no": "off", "bf16": "bf16", "fp16": "fp16"}
 
 @dataclass(frozen=True)
 class AccelerateEnv(DistEnv):
-    """A DistEnv read from the Accelerator's state, carrying the Accelerator for build_trainer."""
+    """A DistEnv read from the Accelerator's state, carrying the Accelerator for the engine."""
 
     accelerator: Any = field(default=None, repr=False, compare=False)
-
-
-@dataclass
-class AcceleratePrecision(Precision):
-    """Autocast and backward as Accelerator does them; ``scaler`` is ``accelerator.scaler`` (fp16)."""
-
-    accelerator: Any = None
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        # prepare_model already wrapped the module's forward in autocast: nothing to add here
-        return contextlib.nullcontext()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)
 
 
 def resolve_mixed_precision(amp: str, device: torch.device) -> str:
@@ -152,20 +138,45 @@ def setup(cfg: TrainConfig) -> AccelerateEnv:
     )
 
 
-def prepare_model(env: DistEnv, model: torch.nn.Module) -> tuple[torch.nn.Module, AcceleratePrecision]:
-    """(the module to train through, the precision) — device placement, DDP and autocast by accelerate.
+class AccelerateEngine(Engine):
+    """The engine interface, carried out by ``accelerate.Accelerator``."""
 
-    ``model`` stays the raw module (evaluation and saving use it): accelerate patches its forward
-    for autocast but does not replace it, so ``accelerator.unwrap_model(wrapped) is model``.
-    """
-    accelerator = getattr(env, "accelerator", None)
-    if accelerator is None:
-        raise RuntimeError("--engine accelerate needs the DistEnv from engine_accelerate.setup(cfg)")
-    wrapped = accelerator.prepare_model(model)
-    if accelerator.unwrap_model(wrapped) is not model:
-        raise RuntimeError("accelerate replaced the model instead of wrapping it")
-    name = _FROM_ACCELERATE.get(str(accelerator.mixed_precision), str(accelerator.mixed_precision))
-    scaler = accelerator.scaler  # a GradScaler for fp16 on CUDA, else None
-    if scaler is None:
-        scaler = torch.amp.GradScaler(env.device.type, enabled=False)
-    return wrapped, AcceleratePrecision(name, env.device, scaler, accelerator)
+    name = "accelerate"
+
+    def __init__(self, cfg: TrainConfig, env: AccelerateEnv, precision: Precision) -> None:
+        super().__init__(cfg, env, precision)
+        self.accelerator = env.accelerator
+
+    @classmethod
+    def setup(cls, cfg: TrainConfig) -> "AccelerateEngine":
+        env = setup(cfg)
+        accelerator = env.accelerator
+        name = _FROM_ACCELERATE.get(str(accelerator.mixed_precision), str(accelerator.mixed_precision))
+        scaler = accelerator.scaler  # a GradScaler for fp16 on CUDA, else None
+        if scaler is None:
+            scaler = torch.amp.GradScaler(env.device.type, enabled=False)
+        return cls(cfg, env, Precision(name, env.device, scaler))
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Device placement, DDP and autocast by accelerate. ``model`` stays the raw module:
+        accelerate patches its forward for autocast but does not replace it."""
+        wrapped = self.accelerator.prepare_model(model)
+        if self.accelerator.unwrap_model(wrapped) is not model:
+            raise RuntimeError("accelerate replaced the model instead of wrapping it")
+        return wrapped
+
+    def unwrap(self, wrapped: torch.nn.Module) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(wrapped)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        # wrap() already patched the module's forward with autocast: nothing to add here
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)  # accelerator.scaler.scale(loss) for fp16
+
+    def no_sync(self, wrapped: torch.nn.Module) -> contextlib.AbstractContextManager:
+        return self.accelerator.no_sync(wrapped)
+
+
+ENGINE = AccelerateEngine

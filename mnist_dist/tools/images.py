@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import IMAGE_SIDE
+from ..data.mnist import IMAGE_SIDE
 
 POLARITIES = ("auto", "light-on-dark", "dark-on-light")
 DIGIT_BOX = 20  # MNIST fits the digit into 20x20, then centres it by mass in 28x28

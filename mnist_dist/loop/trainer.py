@@ -1,0 +1,150 @@
+"""The training loop, read top to bottom: a step, an epoch, an evaluation; stop signals and checkpoints.
+
+No host-device synchronisation inside the step: metrics are summed on the device and read once per
+epoch (plus one ``loss.item()`` every ``log_every`` steps, only while a progress bar shows). The loop
+talks to the engine (``engines/base.py``) and never asks which engine it is.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .. import faults
+from ..checkpoint import state as checkpoint_state
+from ..config import TrainConfig
+from ..dist import DistEnv, synchronize
+from ..engines.base import Engine
+from ..engines.prepare import average_buffers
+from ..errors import StopTraining
+from ..outputs.tracking import Tracker
+from .evaluate import EvalResult, TrainSums, evaluate
+from .optim import planned_steps
+from .progress import Progress
+from .stopping import StopRequest, signal_name
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def log(env: DistEnv, message: str) -> None:
+    if env.is_main:
+        print(message, flush=True)
+
+
+@dataclass
+class Trainer:
+    """Everything one training run holds; ``train.fit`` drives it epoch by epoch."""
+
+    cfg: TrainConfig
+    env: DistEnv
+    engine: Engine
+    model: torch.nn.Module  # the raw module: evaluation and saving use it
+    wrapped: torch.nn.Module  # what the step trains through (DDP / accelerate / compiled), else the model
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    batches: Any  # data.TensorBatches or data.LoaderBatches
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    transform: Any = None  # data.augment.BatchTransform (augmentation, channels_last) or None
+    progress: Progress = field(default_factory=Progress)  # where the run is; saved in checkpoints
+    stop: StopRequest = field(default_factory=StopRequest)
+    tracker: Tracker = field(default_factory=Tracker)  # wandb on rank 0, else a no-op
+    epoch_started: float = 0.0  # perf_counter() when this process started the epoch in progress
+
+    @property
+    def precision(self):
+        return self.engine.precision
+
+    @property
+    def total_steps(self) -> int:
+        return planned_steps(self.cfg, len(self.batches))
+
+    @property
+    def finished(self) -> bool:
+        return self.progress.global_step >= self.total_steps
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, sums: TrainSums) -> torch.Tensor:
+        engine = self.engine
+        with engine.autocast():
+            logits = self.wrapped(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        engine.backward(loss)
+        engine.optimizer_step(self.optimizer, self.model.parameters(), self.cfg.grad_clip)
+        self.scheduler.step()
+        self.progress.global_step += 1
+        sums.add(loss, logits, y)
+        return loss
+
+    def train_epoch(self, show_progress: bool = False) -> tuple[float, float, int, float]:
+        """Train from the saved step to the end of the epoch; returns (loss, accuracy, images, seconds)."""
+        cfg, p = self.cfg, self.progress
+        epoch, start_step = p.epoch, p.step_in_epoch
+        self.model.train()
+        if p.sums is None:
+            p.sums = TrainSums(self.env.device)
+        bar = progress_bar(len(self.batches) - start_step, f"epoch {epoch + 1}/{cfg.epochs}", show_progress)
+        synchronize(self.env.device)
+        p.clock.start_epoch()
+        started = self.epoch_started = time.perf_counter()
+        for step, (x, y) in enumerate(self.batches.epoch(epoch, start_step), start=start_step):
+            if self.finished:
+                break
+            if self.transform is not None:
+                x = self.transform(x, epoch, step)
+            loss = self.train_step(x, y, p.sums)
+            p.step_in_epoch = step + 1
+            if p.clock.due(p.global_step):  # evaluates with the clock paused
+                p.clock.check(self.evaluate, self.env.device, p.train_seconds + p.epoch_seconds, started,
+                              p.global_step)
+            bar.update(1)
+            self.tracker.log_step(p.global_step, loss, self.optimizer)  # syncs only when wandb is on
+            if show_progress and (step + 1) % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            faults.maybe_fail("step", p.global_step)
+            if cfg.checkpoint_every and p.global_step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+            if p.global_step % cfg.stop_check_every == 0:
+                self.stop_if_requested()
+        synchronize(self.env.device)
+        seconds = p.epoch_seconds + p.clock.end_epoch(time.perf_counter() - started)
+        bar.close()
+        self.stop_if_requested()
+        loss, accuracy, images = p.sums.reduce(self.env)
+        return loss, accuracy, images, seconds
+
+    def end_epoch(self, seconds: float) -> None:
+        self.progress.end_epoch(seconds)
+        self.epoch_started = 0.0
+
+    def evaluate(self) -> EvalResult:
+        average_buffers(self.model, self.env)  # per-rank BatchNorm statistics -> one model
+        return evaluate(self.model, self.test_images, self.test_labels, self.env,
+                        self.cfg.eval_batch_size, self.engine.autocast())
+
+    # ------------------------------------------------------------------ checkpoints and stopping
+    def save_checkpoint(self) -> str | None:
+        """Collective: every rank contributes its RNG state; rank 0 writes; all wait for the file."""
+        return checkpoint_state.save(self)
+
+    def restore(self, state: dict[str, Any], source: str) -> None:
+        checkpoint_state.restore(self, state, source)
+
+    def stop_if_requested(self) -> None:
+        signum = self.stop.agreed(self.env)
+        if not signum:
+            return
+        path = self.save_checkpoint()
+        p = self.progress
+        log(self.env, f"stopped by signal {signal_name(signum)} at epoch {p.epoch + 1} step "
+                      f"{p.step_in_epoch} (global step {p.global_step}); checkpoint {path}; "
+                      f"continue with --resume auto --out-dir {self.cfg.out_dir}")
+        raise StopTraining(signum, path)

@@ -1,0 +1,1 @@
+"""Commands on a finished run directory: ``evaluate``, ``predict``, ``plot``, ``export``."""
