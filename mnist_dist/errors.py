@@ -9,7 +9,7 @@ class UserError(Exception):
     """Bad input: a flag, a file or an environment the job cannot work with."""
 
 
-# Exit codes of the CLI (documented in the README).
+# Exit codes of the CLI (documented in docs/launching.md, "Errors and exit codes").
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
 EXIT_STOPPED = 3  # a stop signal was handled: a checkpoint was saved; resume with --resume auto
