@@ -1,12 +1,15 @@
 """Checks a launcher runs on every node before any rank starts, so a bad job fails fast, not hangs.
 
     python -m mnist_dist.preflight --nproc-per-node 4 --gpus-per-node 4 --data-dir DIR \\
-        --rdzv-endpoint 10.0.0.1:23456
+        --rdzv-endpoint 10.0.0.1:23456 --nnodes 2
 
-Checks on this node: the allocated GPUs are visible to torch and cover the processes per node; the
-MNIST files are present and intact (a data dir that is not on a shared filesystem shows up here); on
-the first node of the job (``SLURM_NODEID`` 0) the rendezvous address is one of its own and the port
-is free. Prints one ``preflight ok`` line, or one ``error:`` line per node and exits 2.
+Checks on this node: torch imports; the allocated GPUs are visible to torch and cover the processes
+per node; the MNIST files are present and intact (a data dir that is not on a shared filesystem
+shows up here). The rendezvous: on the first node of the job (``SLURM_NODEID`` 0) the rendezvous
+address must be one of this node's own addresses and the port free; with more than one node, the
+first node then listens on that port until every other node has connected to it, so an address
+another node cannot reach (a management network, a firewall) fails here instead of hanging in
+torchrun's rendezvous. Prints one ``preflight ok`` line, or one ``error:`` line per node and exits 2.
 """
 
 from __future__ import annotations
@@ -15,13 +18,28 @@ import argparse
 import os
 import socket
 import sys
+import time
 from typing import Sequence
 
 from .errors import UserError
 
+ACK = b"ok\n"
+
 
 def node_name() -> str:
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def check_torch() -> str:
+    try:
+        import torch
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        raise UserError(
+            f"torch does not import with {sys.executable} on this node ({type(exc).__name__}: {exc}); "
+            f"load the environment on every node (SETUP='source /path/venv/bin/activate' or "
+            f"'module load ...', needed with sbatch --export=NONE) or set PYTHON"
+        ) from None
+    return f"torch {torch.__version__}"
 
 
 def check_gpus(nproc_per_node: int, gpus_per_node: int) -> str:
@@ -53,25 +71,105 @@ def check_data(data_dir: str) -> str:
     return f"data ok in {data.raw_dir(data_dir)}"
 
 
-def check_rendezvous(endpoint: str) -> str:
-    """On the first node: the rendezvous port must be free there (the c10d store binds it)."""
+def parse_endpoint(endpoint: str) -> tuple[str, int, list[tuple]]:
     host, _, port_text = endpoint.rpartition(":")
+    host = host.strip("[]")
     try:
         port = int(port_text)
     except ValueError:
         raise UserError(f"rendezvous endpoint {endpoint!r} is not HOST:PORT") from None
     try:
-        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise UserError(f"rendezvous host {host!r} does not resolve on this node: {exc}") from None
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the c10d store binds (TIME_WAIT is fine)
+    return host, port, infos
+
+
+def check_own_address(host: str, infos: list[tuple]) -> None:
+    """The address must be this node's: torchrun's store is hosted here, and others connect to it."""
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         try:
-            s.bind(("", port))
+            s.bind((sockaddr[0], 0))  # only an address assigned to one of this node's interfaces binds
         except OSError as exc:
-            raise UserError(f"rendezvous port {port} is already in use on the first node ({exc.strerror}); "
-                            f"set RDZV_PORT to a free port") from None
-    return f"rendezvous {host}:{port} free"
+            shown = host if host == sockaddr[0] else f"{host} ({sockaddr[0]})"
+            raise UserError(
+                f"rendezvous address {shown} is not an address of the first node "
+                f"({exc.strerror}); set RDZV_HOST to an address of {node_name()} that every node can reach"
+            ) from None
+
+
+def listen_on(port: int, family: int) -> socket.socket:
+    """Bind the rendezvous port on all addresses, as the c10d store will (TIME_WAIT is fine)."""
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("::" if family == socket.AF_INET6 else "", port))
+    except OSError as exc:
+        s.close()
+        raise UserError(f"rendezvous port {port} is already in use on the first node ({exc.strerror}); "
+                        f"set RDZV_PORT to a free port") from None
+    return s
+
+
+def host_rendezvous(endpoint: str, nnodes: int, timeout: float) -> str:
+    """First node: own address, free port, and (nnodes > 1) wait until every other node connected."""
+    host, port, infos = parse_endpoint(endpoint)
+    check_own_address(host, infos)
+    with listen_on(port, infos[0][0]) as server:
+        if nnodes <= 1:
+            return f"rendezvous {host}:{port} is this node's, port free"
+        server.listen(nnodes)
+        reached: list[str] = []
+        deadline = time.monotonic() + timeout
+        while len(reached) < nnodes - 1:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise UserError(
+                    f"only {len(reached)} of the {nnodes - 1} other node(s) reached the rendezvous "
+                    f"{host}:{port} within {timeout:.0f} s ({', '.join(reached) or 'none'}); set RDZV_HOST to "
+                    f"an address of this node on a network every node reaches, and let TCP port {port} through"
+                )
+            server.settimeout(left)
+            try:
+                conn, _ = server.accept()
+            except socket.timeout:
+                continue
+            with conn:
+                conn.settimeout(10)
+                try:
+                    name = conn.recv(256).decode(errors="replace").strip() or "?"
+                    conn.sendall(ACK)
+                    conn.recv(1)  # the peer closes first, so no TIME_WAIT is left on the port here
+                except OSError:
+                    continue
+                reached.append(name)
+    return f"rendezvous {host}:{port} is this node's, reached by {', '.join(reached)}"
+
+
+def reach_rendezvous(endpoint: str, timeout: float) -> str:
+    """Other nodes: connect to the first node's rendezvous address (it listens during its preflight)."""
+    host, port, infos = parse_endpoint(endpoint)
+    deadline = time.monotonic() + timeout
+    reason = "no answer"
+    while time.monotonic() < deadline:
+        family, _, _, _, sockaddr = infos[0]
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.settimeout(min(5.0, max(0.1, deadline - time.monotonic())))
+                s.connect(sockaddr)
+                s.sendall(node_name().encode() + b"\n")
+                if s.recv(len(ACK)) == ACK:
+                    return f"rendezvous {host}:{port} reached"
+                reason = "unexpected answer (another service on that port?)"
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+        time.sleep(0.2)
+    raise UserError(
+        f"cannot reach the rendezvous {host}:{port} on the first node within {timeout:.0f} s (last: {reason}); "
+        f"set RDZV_HOST to an address of the first node that every node can reach, and let TCP port "
+        f"{port} through"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,15 +177,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--nproc-per-node", type=int, required=True)
     parser.add_argument("--gpus-per-node", type=int, default=0, help="GPUs allocated per node (0 = CPU)")
     parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--rdzv-endpoint", default="", help="HOST:PORT, checked on SLURM_NODEID 0")
+    parser.add_argument("--rdzv-endpoint", default="", help="HOST:PORT of the first node (SLURM_NODEID 0)")
+    parser.add_argument("--nnodes", type=int, default=int(os.environ.get("SLURM_JOB_NUM_NODES", "1") or 1),
+                        help="nodes that must reach the rendezvous (default: $SLURM_JOB_NUM_NODES or 1)")
+    parser.add_argument("--reach-timeout", type=float, default=120.0,
+                        help="seconds to wait for the nodes to reach each other's rendezvous check")
     args = parser.parse_args(argv)
     name = node_name()
     try:
         if args.nproc_per_node < 1:
             raise UserError(f"processes per node must be >= 1, got {args.nproc_per_node}")
-        found = [check_gpus(args.nproc_per_node, args.gpus_per_node), check_data(args.data_dir)]
-        if args.rdzv_endpoint and os.environ.get("SLURM_NODEID", "0") == "0":
-            found.append(check_rendezvous(args.rdzv_endpoint))
+        found = [check_torch(), check_gpus(args.nproc_per_node, args.gpus_per_node), check_data(args.data_dir)]
+        if args.rdzv_endpoint:
+            if os.environ.get("SLURM_NODEID", "0") == "0":
+                found.append(host_rendezvous(args.rdzv_endpoint, args.nnodes, args.reach_timeout))
+            else:
+                found.append(reach_rendezvous(args.rdzv_endpoint, args.reach_timeout))
     except UserError as exc:
         print(f"error: preflight on {name}: {exc}", file=sys.stderr, flush=True)
         return 2

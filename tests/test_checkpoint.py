@@ -190,6 +190,48 @@ def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step(straight_run, mnis
     assert_bitwise_equal(straight_run, out)
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        tasks = Path(f"/proc/{pid}/task").iterdir()
+        return [int(c) for t in tasks for c in (t / "children").read_text().split()]
+    except OSError:
+        return []
+
+
+def test_sigterm_to_the_whole_job_with_dataloader_workers_still_checkpoints(mnist_root, tmp_path):
+    # A scheduler (SLURM preemption, docker stop of a process group) signals every process of the job:
+    # the agent, the ranks and their DataLoader workers. The workers must ignore it (worker_init_fn),
+    # or the ranks' next batch raises "DataLoader worker ... exited unexpectedly" instead of a checkpoint.
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+           *train_flags(mnist_root, out, "--loader", "dataloader", "--num-workers", "2", "--batch-size", "512",
+                        "--stop-check-every", "1")]
+    agent = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not checkpoint.list_checkpoints(out):  # mid-epoch 1: the workers are running
+            assert agent.poll() is None, agent.communicate()
+            assert time.monotonic() < deadline, "training never produced a checkpoint"
+            time.sleep(0.1)
+        ranks = _worker_pids(agent.pid)
+        loader_workers = [c for pid in ranks.values() for c in _children(pid)]
+        assert len(loader_workers) >= 4, f"expected 2 DataLoader workers per rank, found {loader_workers}"
+        os.killpg(agent.pid, signal.SIGTERM)  # everyone, as slurmstepd does on preemption
+        stdout, stderr = agent.communicate(timeout=120)
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+            agent.wait()
+    assert "exited unexpectedly" not in stderr and "killed by signal" not in stderr, stderr
+    assert "stopped by signal SIGTERM" in stdout, stdout + stderr
+    newest = checkpoint.list_checkpoints(out)[-1]
+    state = checkpoint.load(newest)
+    assert f"(global step {state['global_step']}); checkpoint {newest}" in stdout
+    assert len(state["rng"]) == 2, "both ranks took part in the stop checkpoint"
+
+
 def test_a_rank_raising_ends_the_job_promptly(mnist_root, tmp_path):
     started = time.monotonic()
     env = child_env(MNIST_DIST_FAULT="raise,rank=1,step=3")

@@ -9,6 +9,7 @@ shards instead (``eval_shard``), so every test image counts exactly once at any 
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -16,6 +17,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from ..dist import DistEnv
+from ..errors import UserError
 from .mnist import classic_transform
 
 def train_sampler(n: int, env: DistEnv, seed: int, epoch: int) -> DistributedSampler:
@@ -61,6 +63,15 @@ class TensorBatches:
             yield self.images[idx], self.labels[idx]
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a scheduler signals every process of a job (SLURM's preemption
+    TERM, ``docker stop``, Ctrl-C's process group), workers included. The rank handles the signal
+    (loop/stopping.py: agree, checkpoint, exit) and then shuts its workers down; a worker killed by it
+    first would make the rank's next batch raise instead."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class _SkipSampler(torch.utils.data.Sampler):
     """A DistributedSampler's order with the first ``skip`` indices removed (mid-epoch resume)."""
 
@@ -86,7 +97,11 @@ class LoaderBatches:
     num_workers: int
 
     def __post_init__(self) -> None:
-        from torchvision.datasets import MNIST
+        try:
+            from torchvision.datasets import MNIST
+        except Exception as exc:  # not installed, or built for another torch
+            raise UserError(f"--loader dataloader needs torchvision, which does not import here "
+                            f"({type(exc).__name__}); use the default --loader tensor") from None
 
         self.dataset = MNIST(self.root, train=True, download=False,
                              transform=classic_transform(self.normalize))
@@ -102,7 +117,7 @@ class LoaderBatches:
         loader = DataLoader(
             self.dataset, batch_size=self.per_rank_batch, sampler=order, drop_last=True,
             num_workers=self.num_workers, pin_memory=self.env.device.type == "cuda",
-            persistent_workers=False,
+            persistent_workers=False, worker_init_fn=ignore_stop_signals if self.num_workers else None,
         )
         non_blocking = self.env.device.type == "cuda"
         for x, y in loader:

@@ -90,9 +90,18 @@ def validate_files(root: str | os.PathLike, exact_counts: bool = True) -> None:
 
 def download(root: str | os.PathLike) -> None:
     """Download MNIST with torchvision into ROOT/MNIST/raw (no-op when already complete)."""
+    if not missing_files(root):
+        return  # complete: torchvision is only needed to fetch files (an image may not carry it)
     from filelock import FileLock, Timeout
-    from torchvision.datasets import MNIST
 
+    try:
+        from torchvision.datasets import MNIST
+    except Exception as exc:  # not installed, or built for another torch
+        raise UserError(
+            f"MNIST is not in {raw_dir(root)} and downloading it needs torchvision, which does not import "
+            f"here ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); copy the four IDX files "
+            f"there, or download them where torchvision works"
+        ) from None
     target = raw_dir(root)
     try:
         target.mkdir(parents=True, exist_ok=True)
