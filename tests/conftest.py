@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,27 @@ def trained_run(mnist_root, tmp_path_factory) -> Path:
     ok(python(str(TRAIN_SCRIPT), "--data-dir", str(mnist_root), "--out-dir", str(out), "--no-progress",
               timeout=300))
     return out
+
+
+# ---------------------------------------------------------------- the local SLURM cluster (test_slurm*.py)
+@pytest.fixture(scope="module")
+def cluster():
+    """A real 2-node SLURM cluster on this machine (tests/slurm_cluster.py), one per test module."""
+    from slurm_cluster import SlurmCluster
+
+    # not under pytest's tmp dir: that is mode 0700 and munged runs as the munge user
+    root = Path(tempfile.mkdtemp(prefix="mnist-dist-slurm-"))
+    try:
+        with SlurmCluster(root, nodes=2, cpus=2, gpus_per_node=2) as c:
+            yield c
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def job_dirs(tmp_path):
+    """A SLURM job's log directory and RUNS_DIR."""
+    logs, runs = tmp_path / "logs", tmp_path / "runs"
+    logs.mkdir()
+    runs.mkdir()
+    return logs, runs

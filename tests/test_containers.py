@@ -1,6 +1,7 @@
-"""Container recipes: hadolint on the Dockerfile, shellcheck on every shell script, and the image's
-entrypoint run outside a container (there is no container engine on CI): GPU count detection,
-argument pass-through, subcommands."""
+"""Container recipes without a container engine: hadolint on the Dockerfile, shellcheck on every shell
+script, what the Dockerfile, compose file and Apptainer definition must agree on, and the image's
+entrypoint run outside a container: GPU count detection, argument pass-through, subcommands. (The image
+built and run in Docker: tests/test_docker.py.)"""
 
 from __future__ import annotations
 
@@ -75,6 +76,55 @@ def test_dockerignore_keeps_runs_data_venvs_and_caches_out():
     for copied in ("pyproject.toml", "README.md", "train_ddp.py", "mnist_dist/", "docker/entrypoint.sh"):
         assert copied in dockerfile
         assert copied.rstrip("/") not in patterns
+
+
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+DEFINITION = REPO / "docker" / "mnist-dist.def"
+COMPOSE = REPO / "docker" / "compose.yaml"
+
+
+def def_section(name: str) -> str:
+    match = re.search(rf"^%{name}\n(.*?)(?=^%|\Z)", DEFINITION.read_text(), re.M | re.S)
+    assert match, f"no %{name} section in {DEFINITION}"
+    return match.group(1)
+
+
+def test_base_image_is_chosen_in_one_place_and_carries_the_tested_torch():
+    docker_default = re.search(r"^ARG BASE_IMAGE=(\S+)$", DOCKERFILE.read_text(), re.M)
+    assert docker_default and re.search(r"^FROM \$\{BASE_IMAGE\}$", DOCKERFILE.read_text(), re.M)
+    apptainer_default = re.search(r"^\s*BASE_IMAGE=(\S+)\s*$", def_section("arguments"), re.M)
+    assert apptainer_default and "From: {{ BASE_IMAGE }}" in DEFINITION.read_text()
+    assert apptainer_default.group(1) == docker_default.group(1)
+    base = docker_default.group(1)
+    # compose passes BASE_IMAGE through (only when set) instead of naming a base of its own
+    import yaml
+
+    build = yaml.safe_load(COMPOSE.read_text())["services"]["train"]["build"]
+    assert "BASE_IMAGE" in build["args"] and "pytorch/" not in COMPOSE.read_text()
+    # the torch major.minor that CI installs, and a -devel image (a C compiler for --compile)
+    tested = re.search(r"torch==(\d+\.\d+)", (REPO / ".ci" / "run").read_text()).group(1)
+    assert re.match(rf"pytorch/pytorch:{re.escape(tested)}\.\d+-cuda[\d.]+-cudnn\d+-devel$", base), base
+
+
+def test_compose_stops_gracefully_with_an_init_process():
+    import yaml
+
+    service = yaml.safe_load(COMPOSE.read_text())["services"]["train"]
+    assert service["init"] is True
+    assert service["stop_grace_period"] == "60s"  # torchrun gives its ranks 30 s after TERM
+    assert set(service["volumes"]) == {"../data:/workspace/data", "../runs:/workspace/runs"}
+
+
+def test_images_never_import_from_the_users_site_packages():
+    assert re.search(r"^\s+PYTHONNOUSERSITE=1 \\$", DOCKERFILE.read_text(), re.M)
+    assert re.search(r"^\s*export PYTHONNOUSERSITE=1$", def_section("environment"), re.M)
+
+
+def test_dependencies_are_installed_in_a_layer_before_the_code():
+    text = DOCKERFILE.read_text()
+    deps = text.index("RUN python install-deps.py track")
+    assert text.index("COPY pyproject.toml docker/install-deps.py ./") < deps < text.index("COPY mnist_dist/")
+    assert "install-deps.py track" in def_section("post")
 
 
 # ---------------------------------------------------------------- the entrypoint, outside a container

@@ -1,5 +1,8 @@
 """slurm/train.sbatch on a real SLURM cluster: munged + slurmctld + two slurmd (node1, node2) on localhost.
 
+Launching: one and two nodes, the rendezvous, CPU requests, the environment on the nodes, fail-fast
+preflight. (Stop signals and arrays: test_slurm_stop.py; containers: test_slurm_containers.py.)
+
 The cluster (tests/slurm_cluster.py) is started once for this module from a config written into a
 temporary directory and stopped by PID afterwards, also on failure. Each node has 2 CPUs and two fake
 GPUs (GRES backed by /dev/null) so that the GPU preflight can be exercised; CPU jobs do not ask for them.
@@ -9,89 +12,27 @@ not run as root (slurmd must start jobs as their user).
 
 from __future__ import annotations
 
-import os
+import fcntl
 import re
-import shutil
+import socket
+import struct
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import QUIET, REPO, child_env, read_json
-from slurm_cluster import SlurmCluster, missing_binaries
+from conftest import REPO, read_json
+from slurm_jobs import (ACCURACY_TARGET, SKIPS, data_args, explain, job_id,
+                        job_log, sbatch)
 
-SBATCH = REPO / "slurm" / "train.sbatch"
-ACCURACY_TARGET = 0.95  # a short run (--max-steps 150 of the default recipe); a full epoch reaches ~0.99
-
-pytestmark = [
-    pytest.mark.skipif(bool(missing_binaries()),
-                       reason=f"SLURM/munge not installed (missing {', '.join(missing_binaries())}); "
-                              f"apt-get install slurm-wlm munge"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="the local SLURM cluster needs root (slurmd runs jobs as their user)"),
-]
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    # not under pytest's tmp dir: that is mode 0700 and munged runs as the munge user
-    root = Path(tempfile.mkdtemp(prefix="mnist-dist-slurm-"))
-    try:
-        with SlurmCluster(root, nodes=2, cpus=2, gpus_per_node=2) as c:
-            yield c
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def job_dirs(tmp_path):
-    logs, runs = tmp_path / "logs", tmp_path / "runs"
-    logs.mkdir()
-    runs.mkdir()
-    return logs, runs
-
-
-def job_env(cluster: SlurmCluster, runs: Path, **extra: str) -> dict[str, str]:
-    # the job inherits this environment (sbatch --export=ALL): our python and the worktree's package
-    return cluster.env(child_env(PYTHON=sys.executable, RUNS_DIR=str(runs), PYTHONPATH=str(REPO), **extra))
-
-
-def sbatch(cluster: SlurmCluster, logs: Path, runs: Path, *args: str, options: tuple[str, ...] = (),
-           wait: bool = True, timeout: int = 400, **env: str) -> subprocess.CompletedProcess:
-    cmd = ["timeout", str(timeout), "sbatch", "--parsable", f"--output={logs}/%x-%j.out",
-           *(["--wait"] if wait else []), *options, str(SBATCH), *args]
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=job_env(cluster, runs, **env),
-                              timeout=timeout + 30, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"sbatch hung: {' '.join(cmd)}\n{cluster.logs()}")
-
-
-def job_id(proc: subprocess.CompletedProcess) -> str:
-    ids = re.findall(r"^(\d+)", proc.stdout, re.M)
-    assert ids, f"no job id from sbatch:\n{proc.stdout}\n{proc.stderr}"
-    return ids[0]
-
-
-def job_log(logs: Path, jid: str) -> str:
-    path = logs / f"mnist-dist-{jid}.out"
-    return path.read_text(errors="replace") if path.exists() else "<no log>"
-
-
-def explain(cluster: SlurmCluster, logs: Path, jid: str, proc=None) -> str:
-    head = f"sbatch exit {proc.returncode}\n{proc.stdout}{proc.stderr}\n" if proc is not None else ""
-    return f"{head}--- job log\n{job_log(logs, jid)}\n--- job\n{cluster.job_info(jid)}\n{cluster.logs()}"
-
-
-def data_args(mnist_root: Path) -> list[str]:
-    return ["--data-dir", str(mnist_root), *QUIET]
+pytestmark = SKIPS
 
 
 def test_one_node_job_meets_accuracy_target(cluster, job_dirs, mnist_root):
     logs, runs = job_dirs
-    proc = sbatch(cluster, logs, runs, *data_args(mnist_root), "--max-steps", "150", options=("--nodes=1",))
+    proc = sbatch(cluster, logs, runs, *data_args(mnist_root), "--max-steps", "150",
+                  options=("--nodes=1", "--cpus-per-task=2"))
     jid = job_id(proc)
     assert proc.returncode == 0, explain(cluster, logs, jid, proc)
     summary = read_json(runs / f"slurm-{jid}" / "summary.json")
@@ -99,6 +40,8 @@ def test_one_node_job_meets_accuracy_target(cluster, job_dirs, mnist_root):
     assert summary["test_accuracy"] >= ACCURACY_TARGET, summary
     log = job_log(logs, jid)
     assert "preflight ok on node" in log and "rendezvous c10d at 127.0.0.1:" in log
+    assert "2 CPU(s) per node, 2 thread(s) per rank" in log  # --cpus-per-task: the threads come from it
+    assert read_json(runs / f"slurm-{jid}" / "config.json")["config"]["threads"] == 2
 
 
 def test_two_node_job_runs_ranks_on_both_nodes(cluster, job_dirs, mnist_root):
@@ -120,42 +63,6 @@ def test_two_node_job_runs_ranks_on_both_nodes(cluster, job_dirs, mnist_root):
     assert set(ranks_by_node) == {"node1", "node2"}, explain(cluster, logs, jid)
     assert set().union(*ranks_by_node.values()) == set(range(summary["world_size"]))
     assert not ranks_by_node["node1"] & ranks_by_node["node2"]
-
-
-def test_preemption_checkpoints_requeues_and_resumes(cluster, job_dirs, mnist_root):
-    logs, runs = job_dirs
-    cmd = ["timeout", "500", "sbatch", "--parsable", "--wait", f"--output={logs}/%x-%j.out", "--nodes=2",
-           "--cpus-per-task=1",
-           str(SBATCH), *data_args(mnist_root), "--epochs", "2", "--checkpoint-every", "20"]
-    waiting = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                               env=job_env(cluster, runs), stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while not list(logs.glob("mnist-dist-*.out")):
-            assert waiting.poll() is None and time.monotonic() < deadline, waiting.communicate()
-            time.sleep(0.2)
-        jid = next(logs.glob("mnist-dist-*.out")).stem.rsplit("-", 1)[1]
-        ckpt_dir = runs / f"slurm-{jid}" / "checkpoints"
-        deadline = time.monotonic() + 240
-        while not list(ckpt_dir.glob("step-*.pt")):  # training is under way: preempt it now
-            assert waiting.poll() is None and time.monotonic() < deadline, explain(cluster, logs, jid)
-            time.sleep(0.2)
-        cluster.run("scancel", "--batch", "--signal=USR1", jid)
-        try:
-            out, err = waiting.communicate(timeout=530)  # sbatch --wait returns when the requeued job ends
-        except subprocess.TimeoutExpired:
-            pytest.fail("sbatch --wait hung\n" + explain(cluster, logs, jid))
-    finally:
-        if waiting.poll() is None:
-            waiting.kill()
-    assert waiting.returncode == 0, f"{out}{err}\n" + explain(cluster, logs, jid)
-    log = job_log(logs, jid)
-    order = ["USR1 received", "stopped by signal", "requeueing job", "start #2", "resumed from",
-             "training step finished with exit code 0"]
-    positions = [log.find(marker) for marker in order]
-    assert all(p >= 0 for p in positions) and positions == sorted(positions), explain(cluster, logs, jid)
-    summary = read_json(runs / f"slurm-{jid}" / "summary.json")
-    assert summary["world_size"] == 2 and summary["test_accuracy"] >= ACCURACY_TARGET, summary
 
 
 def test_preflight_fails_fast_when_allocated_gpus_are_not_visible(cluster, job_dirs, mnist_root):
@@ -182,54 +89,87 @@ def test_missing_data_fails_before_any_rank(cluster, job_dirs, tmp_path):
     assert "agent on" not in log
 
 
-APPTAINER_STAND_IN = r"""#!/bin/bash
-# Stand-in for `apptainer exec [--nv] [--bind A,B] [--pwd DIR] IMAGE CMD...` (no Apptainer on CI):
-# logs the call, then runs CMD on the host with the image's /app mapped to the checkout.
-printf '%s %s\n' "${SLURMD_NODENAME:-batch}" "$*" >>"$STAND_IN_LOG"
-[[ $1 == exec ]] || exit 64
-shift
-pwd_dir=
-while [[ $1 == --* ]]; do
-  case $1 in
-  --nv) shift ;;
-  --bind) shift 2 ;;
-  --pwd) pwd_dir=$2; shift 2 ;;
-  *) exit 64 ;;
-  esac
-done
-[[ -f $1 ]] || exit 65
-shift
-if [[ -n $pwd_dir ]]; then cd "${pwd_dir/#\/app/$STAND_IN_APP}" || exit 66; fi
-args=()
-for a in "$@"; do
-  a=${a/#\/app\//$STAND_IN_APP/}
-  [[ $a == python ]] && a=$STAND_IN_PYTHON
-  args+=("$a")
-done
-exec "${args[@]}"
-"""
+def own_addresses() -> dict[str, str]:
+    """Interface name -> IPv4 address of this machine (SIOCGIFADDR), without loopback and container bridges."""
+    found = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            if name == "lo" or name.startswith(("docker", "veth", "br-", "virbr")):
+                continue
+            try:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
+            except OSError:
+                continue
+            found[name] = socket.inet_ntoa(packed[20:24])
+    return found
 
 
-def test_container_mode_runs_every_step_through_apptainer(cluster, job_dirs, mnist_root, tmp_path):
-    # The sbatch script's CONTAINER_IMAGE path, with a stand-in for the apptainer binary (see above).
+def test_rendezvous_on_an_address_the_hostname_does_not_resolve_to(cluster, job_dirs, mnist_root):
+    # A fast-network address (what slurm/README.md recommends for RDZV_HOST): torchrun's own guess of
+    # which agent hosts the c10d store matches the endpoint against the hostname, finds no match on any
+    # node, and no agent hosts it. The script tells node 0 (is_host=1) and the others (is_host=0).
+    from torch.distributed.elastic.rendezvous.utils import _matches_machine_hostname
+
+    candidates = [ip for ip in own_addresses().values() if not _matches_machine_hostname(ip)]
+    if not candidates:
+        pytest.skip(f"every address of this machine matches its hostname for torchrun ({own_addresses()})")
     logs, runs = job_dirs
-    bindir, image, calls = tmp_path / "bin", tmp_path / "mnist-dist.sif", tmp_path / "apptainer.calls"
-    bindir.mkdir()
-    (bindir / "apptainer").write_text(APPTAINER_STAND_IN)
-    (bindir / "apptainer").chmod(0o755)
-    image.write_bytes(b"not a real image")
     proc = sbatch(cluster, logs, runs, *data_args(mnist_root), "--max-steps", "20",
-                  options=("--nodes=2", "--cpus-per-task=1"), timeout=300, CONTAINER_IMAGE=str(image),
-                  PATH=f"{bindir}:{os.environ['PATH']}", STAND_IN_LOG=str(calls), STAND_IN_APP=str(REPO),
-                  STAND_IN_PYTHON=sys.executable)
+                  options=("--nodes=2", "--cpus-per-task=1"), RDZV_HOST=candidates[0], timeout=300)
     jid = job_id(proc)
     assert proc.returncode == 0, explain(cluster, logs, jid, proc)
     assert read_json(runs / f"slurm-{jid}" / "summary.json")["world_size"] == 2
-    prefix = f"exec --nv --bind {mnist_root.resolve()},{runs.resolve()} --pwd /app {image} python -m "
-    lines = calls.read_text().splitlines()
-    download = f"{prefix}mnist_dist download --data-dir {mnist_root.resolve()}"
-    assert [line.split(" ", 1)[1] for line in lines].count(download) == 1, lines  # once, on the batch node
-    for node in ("node1", "node2"):
-        assert any(line.startswith(f"{node} {prefix}mnist_dist.preflight ") for line in lines), lines
-        assert any(line.startswith(f"{node} {prefix}torch.distributed.run ") and " /app/train_ddp.py " in line
-                   for line in lines), lines
+    log = job_log(logs, jid)
+    assert f"rendezvous c10d at {candidates[0]}:" in log
+    assert re.search(rf"^\d: preflight ok on node1: .*rendezvous {re.escape(candidates[0])}:\d+ is this node's, "
+                     r"reached by node2", log, re.M), log
+    agents = dict(re.findall(r"^\d: agent on (node\d) .*, is_host=(\d)$", log, re.M))
+    assert agents == {"node1": "1", "node2": "0"}, log
+
+
+def test_cpus_per_gpu_and_mem_per_gpu_requests_are_accepted_and_used(cluster, job_dirs, mnist_root):
+    # --cpus-per-gpu cannot be combined with --cpus-per-task (the script used to set it): sbatch refused.
+    # Without --cpus-per-task the step gets every CPU of the node (here 2 GPUs x 1), split between ranks.
+    # The GPUs are fake, so GPUS_PER_NODE=0 makes the ranks train on the CPU with that allocation.
+    logs, runs = job_dirs
+    proc = sbatch(cluster, logs, runs, *data_args(mnist_root), "--max-steps", "20",
+                  options=("--nodes=1", "--gpus-per-node=2", "--cpus-per-gpu=1", "--mem-per-gpu=64M"),
+                  GPUS_PER_NODE="0", timeout=300)
+    jid = job_id(proc)
+    assert proc.returncode == 0, explain(cluster, logs, jid, proc)
+    log = job_log(logs, jid)
+    assert "0 GPU(s) and 2 CPU(s) per node, 2 thread(s) per rank" in log, log
+    assert read_json(runs / f"slurm-{jid}" / "config.json")["config"]["threads"] == 2
+
+
+def test_export_none_with_setup_loads_the_environment_on_every_node(cluster, job_dirs, mnist_root):
+    # sbatch --export=NONE: the job starts with a login environment, not ours; SETUP brings our venv and
+    # the checkout (on every node), and the steps must inherit it (SLURM_EXPORT_ENV=NONE would not).
+    logs, runs = job_dirs
+    activate = Path(sys.prefix) / "bin" / "activate"
+    load = f"source {activate}" if activate.is_file() else f"export PATH={Path(sys.executable).parent}:$PATH"
+    setup = f"{load}; export PYTHONPATH={REPO} RUNS_DIR={runs}; echo setup ran on $(hostname)"
+    assert "," not in setup  # sbatch --export splits on commas
+    proc = sbatch(cluster, logs, runs, *data_args(mnist_root), "--max-steps", "20",
+                  options=("--nodes=2", "--cpus-per-task=1", f"--export=NONE,SETUP={setup}"), timeout=300)
+    jid = job_id(proc)
+    assert proc.returncode == 0, explain(cluster, logs, jid, proc)
+    assert read_json(runs / f"slurm-{jid}" / "summary.json")["world_size"] == 2
+    log = job_log(logs, jid)
+    assert "SETUP: source " in log or "SETUP: export PATH" in log
+    # once in the batch shell, then in each of the two steps (preflight, torchrun) on both nodes
+    assert log.count("setup ran on ") == 5, log
+
+
+def test_python_without_the_project_is_one_error_with_a_hint(cluster, job_dirs, mnist_root, tmp_path):
+    bare = tmp_path / "bare-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    logs, runs = job_dirs
+    proc = sbatch(cluster, logs, runs, *data_args(mnist_root),
+                  options=("--nodes=1", f"--export=NONE,PYTHON={bare}/bin/python"), timeout=180)
+    jid = job_id(proc)
+    assert proc.returncode == 2, explain(cluster, logs, jid, proc)
+    log = job_log(logs, jid)
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "import torch, mnist_dist" in errors[0] and "SETUP=" in errors[0], log
+    assert "preflight" not in log and "agent on" not in log

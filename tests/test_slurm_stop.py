@@ -1,0 +1,148 @@
+"""slurm/train.sbatch under stop signals on the real local SLURM cluster (see test_slurm.py): USR1 before
+the time limit, TERM as a scheduler preempts (to every process of the job), job arrays whose tasks
+refer to themselves as ARRAYID_TASKID, and the cap on requeues."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, read_json
+from slurm_jobs import (ACCURACY_TARGET, SBATCH, SKIPS, data_args, explain,
+                        job_env, job_log)
+
+pytestmark = SKIPS
+
+
+def submit(cluster, logs: Path, runs: Path, *args: str, options: tuple[str, ...] = (), timeout: int = 500,
+           output: str = "%x-%j.out", **env: str) -> subprocess.Popen:
+    """``sbatch --wait`` in the background: it returns when the job (after any requeue) has ended."""
+    cmd = ["timeout", str(timeout), "sbatch", "--parsable", "--wait", f"--output={logs}/{output}", *options,
+           str(SBATCH), *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env=job_env(cluster, runs, **env), stdin=subprocess.DEVNULL)
+
+
+def wait_for(what: str, predicate, waiting: subprocess.Popen, seconds: float, explain_fn):
+    deadline = time.monotonic() + seconds
+    while True:
+        found = predicate()
+        if found:
+            return found
+        assert waiting.poll() is None, f"sbatch ended while waiting for {what}\n{explain_fn()}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}\n{explain_fn()}"
+        time.sleep(0.1)
+
+
+def finish(waiting: subprocess.Popen, seconds: float, explain_fn) -> None:
+    try:
+        out, err = waiting.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        waiting.kill()
+        pytest.fail("sbatch --wait hung\n" + explain_fn())
+    waiting.stdout_text, waiting.stderr_text = out, err  # type: ignore[attr-defined]
+
+
+def in_order(log: str, *markers: str) -> bool:
+    positions = [log.find(marker) for marker in markers]
+    return all(p >= 0 for p in positions) and positions == sorted(positions)
+
+
+def test_preemption_checkpoints_requeues_and_resumes(cluster, job_dirs, mnist_root):
+    logs, runs = job_dirs
+    waiting = submit(cluster, logs, runs, *data_args(mnist_root), "--epochs", "2", "--checkpoint-every", "20",
+                     options=("--nodes=2", "--cpus-per-task=1"))
+    try:
+        log_file = wait_for("the job log", lambda: next(logs.glob("mnist-dist-*.out"), None), waiting, 60,
+                            cluster.logs)
+        jid = log_file.stem.rsplit("-", 1)[1]
+        ckpt_dir = runs / f"slurm-{jid}" / "checkpoints"
+        wait_for("a first checkpoint", lambda: list(ckpt_dir.glob("step-*.pt")), waiting, 240,
+                 lambda: explain(cluster, logs, jid))  # training is under way: preempt it now
+        cluster.run("scancel", "--batch", "--signal=USR1", jid)
+        finish(waiting, 530, lambda: explain(cluster, logs, jid))
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    assert waiting.returncode == 0, explain(cluster, logs, jid)
+    log = job_log(logs, jid)
+    assert in_order(log, "USR1 received", "stopped by signal", "requeueing job", "start #2", "resumed from",
+                    "training step finished with exit code 0"), explain(cluster, logs, jid)
+    summary = read_json(runs / f"slurm-{jid}" / "summary.json")
+    assert summary["world_size"] == 2 and summary["test_accuracy"] >= ACCURACY_TARGET, summary
+
+
+@pytest.mark.slow
+def test_array_task_preempted_with_term_requeues_alone_and_resumes(cluster, job_dirs, mnist_root, record_property):
+    # Two array tasks, one node each, the seed from the task index. Only task 0 is preempted the way a
+    # scheduler does it: TERM to every process of the job (batch shell, srun, torchrun, ranks). It must
+    # checkpoint, requeue itself (ARRAYID_0, not the whole array), resume and finish; task 1 runs untouched.
+    logs, runs = job_dirs
+    waiting = submit(cluster, logs, runs, *data_args(mnist_root), "--epochs", "2", "--checkpoint-every", "20",
+                     "--seed", "$SLURM_ARRAY_TASK_ID", options=("--array=0-1", "--nodes=1", "--cpus-per-task=2"),
+                     output="%x-%A_%a.out", timeout=600)
+    array = "?"
+    try:
+        log_file = wait_for("task 0's log", lambda: next(logs.glob("mnist-dist-*_0.out"), None), waiting, 60,
+                            cluster.logs)
+        array = log_file.stem[len("mnist-dist-"):-len("_0")]
+        task0 = f"{array}_0"
+        ckpt_dir = runs / f"slurm-{task0}" / "checkpoints"
+        wait_for("task 0's first checkpoint", lambda: list(ckpt_dir.glob("step-*.pt")), waiting, 240,
+                 lambda: explain(cluster, logs, task0))
+        signalled = time.time()
+        cluster.run("scancel", "--full", "--signal=TERM", task0)
+        stop_line = wait_for(
+            "task 0's stop checkpoint",
+            lambda: re.search(r"stopped by signal SIGTERM .*; checkpoint (\S+);", job_log(logs, task0)),
+            waiting, 120, lambda: explain(cluster, logs, task0))
+        stop_checkpoint = stop_line.group(1)
+        stop_seconds = Path(stop_checkpoint).stat().st_mtime - signalled
+        record_property("term_to_checkpoint_seconds", round(stop_seconds, 2))
+        print(f"TERM to checkpoint on disk: {stop_seconds:.2f} s")
+        finish(waiting, 560, lambda: explain(cluster, logs, task0))
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    assert waiting.returncode == 0, explain(cluster, logs, f"{array}_0") + explain(cluster, logs, f"{array}_1")
+    log0, log1 = job_log(logs, f"{array}_0"), job_log(logs, f"{array}_1")
+    assert in_order(log0, "TERM received", "stopped by signal SIGTERM", f"requeueing job {array}_0", "start #2",
+                    f"resumed from {stop_checkpoint}", "training step finished with exit code 0"), log0
+    assert "USR1" not in log0  # TERM reached the ranks directly; nothing was forwarded on top of it
+    assert "start #1" in log1 and "start #2" not in log1 and "stopped by signal" not in log1, log1
+    assert "training step finished with exit code 0" in log1, log1
+    assert sorted(p.name for p in runs.iterdir()) == [f"slurm-{array}_0", f"slurm-{array}_1"]
+    for task in (0, 1):
+        run_dir = runs / f"slurm-{array}_{task}"
+        assert read_json(run_dir / "config.json")["config"]["seed"] == task
+        summary = read_json(run_dir / "summary.json")
+        assert summary["test_accuracy"] >= ACCURACY_TARGET, summary
+
+
+def test_requeues_are_capped_by_max_requeues(cluster, job_dirs, mnist_root):
+    # MAX_REQUEUES=0: a stop signal (here early, while the job is starting) ends the job with exit 3 and
+    # the way to continue, instead of requeueing it (SLURM_RESTART_COUNT counts the requeues).
+    logs, runs = job_dirs
+    waiting = submit(cluster, logs, runs, *data_args(mnist_root), "--epochs", "2", "--checkpoint-every", "20",
+                     options=("--nodes=1", "--cpus-per-task=2"), MAX_REQUEUES="0", timeout=300)
+    jid = "?"
+    try:
+        log_file = wait_for("the job to start", lambda: next(
+            (p for p in logs.glob("mnist-dist-*.out") if "start #1" in p.read_text()), None), waiting, 60,
+            cluster.logs)
+        jid = log_file.stem.rsplit("-", 1)[1]
+        cluster.run("scancel", "--batch", "--signal=USR1", jid)
+        finish(waiting, 300, lambda: explain(cluster, logs, jid))
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    assert waiting.returncode == 3, explain(cluster, logs, jid)
+    log = job_log(logs, jid)
+    assert "USR1 received" in log and "start #2" not in log, log
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "(MAX_REQUEUES=0): not requeueing" in errors[0], log
+    assert f"RUN_DIR={runs.resolve()}/slurm-{jid} sbatch" in errors[0], errors[0]
