@@ -165,6 +165,20 @@ def record(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def mark_stopped(stop: StopTraining) -> None:
+    """Under a launcher exit code 3 is lost (torchrun exits 1 when a rank fails): a launcher that needs
+    to know that the ranks stopped on a signal with a checkpoint (slurm/train.sbatch, to requeue) sets
+    $MNIST_DIST_STOP_FILE, and every rank that stops writes the checkpoint's path there."""
+    path = os.environ.get("MNIST_DIST_STOP_FILE")
+    if path:
+        try:
+            with open(path, "w") as fh:
+                fh.write(f"{stop.checkpoint or ''}\n")
+        except OSError as exc:
+            print(f"{rank_prefix()}warning: cannot write $MNIST_DIST_STOP_FILE {path}: {exc.strerror}",
+                  file=sys.stderr, flush=True)
+
+
 def guarded(func: Callable[[], int | None]) -> int:
     """Run a command; a UserError becomes one readable line and exit code 2."""
     try:
@@ -172,7 +186,8 @@ def guarded(func: Callable[[], int | None]) -> int:
     except UserError as exc:
         print(f"{rank_prefix()}error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
-    except StopTraining:
+    except StopTraining as stop:
+        mark_stopped(stop)
         return EXIT_STOPPED  # rank 0 already logged where the checkpoint is
     except KeyboardInterrupt:
         print(f"{rank_prefix()}interrupted", file=sys.stderr, flush=True)

@@ -112,22 +112,36 @@ def listen_on(port: int, family: int) -> socket.socket:
     return s
 
 
-def host_rendezvous(endpoint: str, nnodes: int, timeout: float) -> str:
-    """First node: own address, free port, and (nnodes > 1) wait until every other node connected."""
+def read_line(conn: socket.socket, limit: int = 256) -> bytes:
+    """Bytes up to a newline (or the peer closing): TCP may deliver a short message in pieces."""
+    data = b""
+    while not data.endswith(b"\n") and len(data) < limit:
+        chunk = conn.recv(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data.strip()
+
+
+def host_rendezvous(endpoint: str, nnodes: int, timeout: float, token: str = "") -> str:
+    """First node: own address, free port, and (nnodes > 1) wait until every other node connected.
+
+    Peers say ``TOKEN NODE``; connections without this job's token (another job on the same port, a
+    port scanner, a stale client) are answered with nothing and not counted."""
     host, port, infos = parse_endpoint(endpoint)
     check_own_address(host, infos)
     with listen_on(port, infos[0][0]) as server:
         if nnodes <= 1:
             return f"rendezvous {host}:{port} is this node's, port free"
         server.listen(nnodes)
-        reached: list[str] = []
+        reached: set[str] = set()
         deadline = time.monotonic() + timeout
         while len(reached) < nnodes - 1:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise UserError(
                     f"only {len(reached)} of the {nnodes - 1} other node(s) reached the rendezvous "
-                    f"{host}:{port} within {timeout:.0f} s ({', '.join(reached) or 'none'}); set RDZV_HOST to "
+                    f"{host}:{port} within {timeout:.0f} s ({', '.join(sorted(reached)) or 'none'}); set RDZV_HOST to "
                     f"an address of this node on a network every node reaches, and let TCP port {port} through"
                 )
             server.settimeout(left)
@@ -138,16 +152,18 @@ def host_rendezvous(endpoint: str, nnodes: int, timeout: float) -> str:
             with conn:
                 conn.settimeout(10)
                 try:
-                    name = conn.recv(256).decode(errors="replace").strip() or "?"
+                    said, _, name = read_line(conn).decode(errors="replace").partition(" ")
+                    if said != (token or "-") or not name:
+                        continue
                     conn.sendall(ACK)
                     conn.recv(1)  # the peer closes first, so no TIME_WAIT is left on the port here
                 except OSError:
                     continue
-                reached.append(name)
-    return f"rendezvous {host}:{port} is this node's, reached by {', '.join(reached)}"
+                reached.add(name)
+    return f"rendezvous {host}:{port} is this node's, reached by {', '.join(sorted(reached))}"
 
 
-def reach_rendezvous(endpoint: str, timeout: float) -> str:
+def reach_rendezvous(endpoint: str, timeout: float, token: str = "") -> str:
     """Other nodes: connect to the first node's rendezvous address (it listens during its preflight)."""
     host, port, infos = parse_endpoint(endpoint)
     deadline = time.monotonic() + timeout
@@ -158,10 +174,10 @@ def reach_rendezvous(endpoint: str, timeout: float) -> str:
             with socket.socket(family, socket.SOCK_STREAM) as s:
                 s.settimeout(min(5.0, max(0.1, deadline - time.monotonic())))
                 s.connect(sockaddr)
-                s.sendall(node_name().encode() + b"\n")
-                if s.recv(len(ACK)) == ACK:
+                s.sendall(f"{token or '-'} {node_name()}\n".encode())
+                if read_line(s) + b"\n" == ACK:
                     return f"rendezvous {host}:{port} reached"
-                reason = "unexpected answer (another service on that port?)"
+                reason = "no answer to this job's token (another job or service on that port?)"
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
         time.sleep(0.2)
@@ -182,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="nodes that must reach the rendezvous (default: $SLURM_JOB_NUM_NODES or 1)")
     parser.add_argument("--reach-timeout", type=float, default=120.0,
                         help="seconds to wait for the nodes to reach each other's rendezvous check")
+    parser.add_argument("--token", default="", help="the same word on every node of this job (e.g. the "
+                        "job id and its start): the first node counts only peers that say it")
     args = parser.parse_args(argv)
     name = node_name()
     try:
@@ -190,9 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         found = [check_torch(), check_gpus(args.nproc_per_node, args.gpus_per_node), check_data(args.data_dir)]
         if args.rdzv_endpoint:
             if os.environ.get("SLURM_NODEID", "0") == "0":
-                found.append(host_rendezvous(args.rdzv_endpoint, args.nnodes, args.reach_timeout))
+                found.append(host_rendezvous(args.rdzv_endpoint, args.nnodes, args.reach_timeout, args.token))
             else:
-                found.append(reach_rendezvous(args.rdzv_endpoint, args.reach_timeout))
+                found.append(reach_rendezvous(args.rdzv_endpoint, args.reach_timeout, args.token))
     except UserError as exc:
         print(f"error: preflight on {name}: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -207,8 +207,9 @@ def test_sigterm_to_the_whole_job_with_dataloader_workers_still_checkpoints(mnis
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
            *train_flags(mnist_root, out, "--loader", "dataloader", "--num-workers", "2", "--batch-size", "512",
                         "--stop-check-every", "1")]
-    agent = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
+    stop_file = tmp_path / "stopped"  # how slurm/train.sbatch learns that the ranks stopped with a checkpoint
+    agent = subprocess.Popen(cmd, env=child_env(MNIST_DIST_STOP_FILE=str(stop_file)), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while not checkpoint.list_checkpoints(out):  # mid-epoch 1: the workers are running
@@ -230,6 +231,7 @@ def test_sigterm_to_the_whole_job_with_dataloader_workers_still_checkpoints(mnis
     state = checkpoint.load(newest)
     assert f"(global step {state['global_step']}); checkpoint {newest}" in stdout
     assert len(state["rng"]) == 2, "both ranks took part in the stop checkpoint"
+    assert stop_file.read_text().strip() == str(newest)
 
 
 def test_a_rank_raising_ends_the_job_promptly(mnist_root, tmp_path):

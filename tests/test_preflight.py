@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from conftest import assert_one_line_error, child_env, free_port, run
@@ -25,19 +26,37 @@ def node_env(node_id: int, name: str, **extra: str) -> dict[str, str]:
     return env
 
 
+def listening(port: int, proc: subprocess.Popen, seconds: float = 120) -> None:
+    """Wait until something accepts on the port (a bare connection: the first node ignores it)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            return
+        except OSError:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the first node never listened"
+            time.sleep(0.2)
+
+
 def test_first_node_and_two_others_meet_on_the_rendezvous_port(mnist_root):
     endpoint = f"127.0.0.1:{free_port()}"
-    args = preflight(mnist_root, endpoint)
+    args = [*preflight(mnist_root, endpoint), "--token", "job7.0.123"]
     first = subprocess.Popen([*args, "--nnodes", "3", "--reach-timeout", "60"], env=node_env(0, "alpha"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        listening(int(endpoint.rsplit(":", 1)[1]), first)
+        # another job using the same port (its own token) must neither count nor be answered
+        impostor = run([*preflight(mnist_root, endpoint), "--token", "job8.0.999", "--reach-timeout", "3"],
+                       env=node_env(1, "beta"), timeout=60)
+        assert impostor.returncode == 2 and "no answer to this job's token" in impostor.stderr, impostor.stderr
         others = [subprocess.Popen([*args, "--reach-timeout", "60"], env=node_env(i, name),
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                   for i, name in ((1, "beta"), (2, "gamma"))]
         outputs = [p.communicate(timeout=120) for p in others]
         out, err = first.communicate(timeout=120)
     finally:
-        for p in [first, *others]:
+        for p in [first, *locals().get("others", [])]:
             if p.poll() is None:
                 p.kill()
     assert first.returncode == 0, err

@@ -56,7 +56,8 @@ exec "${args[@]}"
 SRUN_STAND_IN = r"""#!/bin/bash
 # Stand-in for srun with the pyxis plugin (no pyxis here): logs the call, drops the --container-* flags
 # (the image's /app becomes the checkout, its workdir srun's --chdir) and runs the rest with the real srun.
-printf '%s\n' "$*" >>"$STAND_IN_LOG"
+all=$*
+printf '%s\n' "${all//$'\n'/\\n}" >>"$STAND_IN_LOG" # one line per call
 args=()
 image=
 for a in "$@"; do
@@ -138,9 +139,9 @@ def test_pyxis_mode_runs_every_step_in_the_image(cluster, job_dirs, mnist_root, 
     flags = (f"--container-image={image} --container-mounts={mnist_root.resolve()}:{mnist_root.resolve()},"
              f"{runs.resolve()}:{runs.resolve()} --container-workdir=/app")
     lines = calls.read_text().splitlines()
-    assert all(flags in line for line in lines), lines  # every srun runs in the image
+    assert all(flags in line for line in lines), "\n".join(lines)  # every srun runs in the image
     batch_steps = [line for line in lines if "--ntasks-per-node" not in line]  # the one-task steps
-    assert [line.split(flags + " ", 1)[1] for line in batch_steps] == [
+    assert [line.rsplit(" step ", 1)[1] for line in batch_steps] == [
         f"{CLEAN_PYTHON} -c import torch, mnist_dist",
         f"{CLEAN_PYTHON} -m mnist_dist download --data-dir {mnist_root.resolve()}",  # in the image, once
     ], lines

@@ -27,13 +27,13 @@ def submit(cluster, logs: Path, runs: Path, *args: str, options: tuple[str, ...]
                             env=job_env(cluster, runs, **env), stdin=subprocess.DEVNULL)
 
 
-def wait_for(what: str, predicate, waiting: subprocess.Popen, seconds: float, explain_fn):
+def wait_for(what: str, predicate, waiting: subprocess.Popen | None, seconds: float, explain_fn):
     deadline = time.monotonic() + seconds
     while True:
         found = predicate()
         if found:
             return found
-        assert waiting.poll() is None, f"sbatch ended while waiting for {what}\n{explain_fn()}"
+        assert waiting is None or waiting.poll() is None, f"sbatch ended while waiting for {what}\n{explain_fn()}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}\n{explain_fn()}"
         time.sleep(0.1)
 
@@ -78,11 +78,12 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, job_dirs, mnist_ro
 
 @pytest.mark.slow
 def test_array_task_preempted_with_term_requeues_alone_and_resumes(cluster, job_dirs, mnist_root, record_property):
-    # Two array tasks, one node each, the seed from the task index. Only task 0 is preempted the way a
-    # scheduler does it: TERM to every process of the job (batch shell, srun, torchrun, ranks). It must
-    # checkpoint, requeue itself (ARRAYID_0, not the whole array), resume and finish; task 1 runs untouched.
+    # Two array tasks, one node each, the seed from the task index. Only task 0 is preempted, the way the
+    # scheduler does it (PreemptMode with GraceTime): TERM to the job's steps — torchrun and the ranks,
+    # not the batch shell. The ranks checkpoint; the task requeues itself (ARRAYID_0, not the whole
+    # array), resumes from that checkpoint and finishes; task 1 runs untouched.
     logs, runs = job_dirs
-    waiting = submit(cluster, logs, runs, *data_args(mnist_root), "--epochs", "2", "--checkpoint-every", "20",
+    waiting = submit(cluster, logs, runs, *data_args(mnist_root), "--epochs", "1", "--checkpoint-every", "20",
                      "--seed", "$SLURM_ARRAY_TASK_ID", options=("--array=0-1", "--nodes=1", "--cpus-per-task=2"),
                      output="%x-%A_%a.out", timeout=600)
     array = "?"
@@ -95,7 +96,7 @@ def test_array_task_preempted_with_term_requeues_alone_and_resumes(cluster, job_
         wait_for("task 0's first checkpoint", lambda: list(ckpt_dir.glob("step-*.pt")), waiting, 240,
                  lambda: explain(cluster, logs, task0))
         signalled = time.time()
-        cluster.run("scancel", "--full", "--signal=TERM", task0)
+        cluster.run("scancel", "--signal=TERM", task0)  # the steps of task 0, as _preempt_signal does
         stop_line = wait_for(
             "task 0's stop checkpoint",
             lambda: re.search(r"stopped by signal SIGTERM .*; checkpoint (\S+);", job_log(logs, task0)),
@@ -110,9 +111,10 @@ def test_array_task_preempted_with_term_requeues_alone_and_resumes(cluster, job_
             waiting.kill()
     assert waiting.returncode == 0, explain(cluster, logs, f"{array}_0") + explain(cluster, logs, f"{array}_1")
     log0, log1 = job_log(logs, f"{array}_0"), job_log(logs, f"{array}_1")
-    assert in_order(log0, "TERM received", "stopped by signal SIGTERM", f"requeueing job {array}_0", "start #2",
-                    f"resumed from {stop_checkpoint}", "training step finished with exit code 0"), log0
-    assert "USR1" not in log0  # TERM reached the ranks directly; nothing was forwarded on top of it
+    assert in_order(log0, "stopped by signal SIGTERM", "on a signal to the job's steps",
+                    f"requeueing job {array}_0", "start #2", f"resumed from {stop_checkpoint}",
+                    "training step finished with exit code 0"), log0
+    assert "TERM received" not in log0 and "USR1" not in log0  # the batch shell got none: the step's exit code 3
     assert "start #1" in log1 and "start #2" not in log1 and "stopped by signal" not in log1, log1
     assert "training step finished with exit code 0" in log1, log1
     assert sorted(p.name for p in runs.iterdir()) == [f"slurm-{array}_0", f"slurm-{array}_1"]
@@ -121,6 +123,43 @@ def test_array_task_preempted_with_term_requeues_alone_and_resumes(cluster, job_
         assert read_json(run_dir / "config.json")["config"]["seed"] == task
         summary = read_json(run_dir / "summary.json")
         assert summary["test_accuracy"] >= ACCURACY_TARGET, summary
+
+
+@pytest.mark.slow
+def test_term_to_the_whole_job_requeues_and_resumes_from_the_last_periodic_checkpoint(cluster, job_dirs,
+                                                                                      mnist_root):
+    # scancel --full --signal=TERM (like the time limit) reaches the batch shell and srun too; srun turns
+    # its TERM into SIGKILL of the ranks ("forcing job termination"), so there is no stop checkpoint.
+    # The batch shell survives (trap), requeues, and the job resumes from its newest periodic checkpoint.
+    logs, runs = job_dirs
+    waiting = submit(cluster, logs, runs, *data_args(mnist_root), "--epochs", "1", "--checkpoint-every", "20",
+                     options=("--nodes=1", "--cpus-per-task=2"))
+    jid = "?"
+    try:
+        log_file = wait_for("the job log", lambda: next(logs.glob("mnist-dist-*.out"), None), waiting, 60,
+                            cluster.logs)
+        jid = log_file.stem.rsplit("-", 1)[1]
+        ckpt_dir = runs / f"slurm-{jid}" / "checkpoints"
+        wait_for("a first checkpoint", lambda: list(ckpt_dir.glob("step-*.pt")), waiting, 240,
+                 lambda: explain(cluster, logs, jid))
+        cluster.run("scancel", "--full", "--signal=TERM", jid)
+        finish(waiting, 500, lambda: explain(cluster, logs, jid))
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    assert waiting.returncode == 0, explain(cluster, logs, jid)
+    log = job_log(logs, jid)
+    assert in_order(log, "TERM received by the batch shell", "stopped by TERM during training",
+                    "requeueing job", "start #2", "resumed from", "training step finished with exit code 0"), log
+    resumed = re.search(r"resumed from (\S+/step-(\d+)\.pt)", log)
+    stopped = re.search(r"stopped by signal SIGTERM .*; checkpoint (\S+);", log)
+    assert resumed, log
+    if stopped:  # the ranks (signalled too) beat srun's SIGKILL: then that checkpoint is the newest
+        assert resumed.group(1) == stopped.group(1), log
+    else:  # killed first: the newest periodic checkpoint (every 20 steps)
+        assert int(resumed.group(2)) % 20 == 0, log
+    summary = read_json(runs / f"slurm-{jid}" / "summary.json")
+    assert summary["test_accuracy"] >= ACCURACY_TARGET, summary
 
 
 def test_requeues_are_capped_by_max_requeues(cluster, job_dirs, mnist_root):
@@ -146,3 +185,30 @@ def test_requeues_are_capped_by_max_requeues(cluster, job_dirs, mnist_root):
     errors = [line for line in log.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "(MAX_REQUEUES=0): not requeueing" in errors[0], log
     assert f"RUN_DIR={runs.resolve()}/slurm-{jid} sbatch" in errors[0], errors[0]
+
+
+def test_plain_scancel_cancels_instead_of_requeueing(cluster, job_dirs, mnist_root):
+    # scancel (no --signal) also sends TERM to the batch shell first; the trap must not turn a
+    # cancellation into a requeue.
+    logs, runs = job_dirs
+    waiting = submit(cluster, logs, runs, *data_args(mnist_root), "--epochs", "2",
+                     options=("--nodes=1", "--cpus-per-task=2"), timeout=300)
+    jid = "?"
+    try:
+        log_file = wait_for("the job to start", lambda: next(
+            (p for p in logs.glob("mnist-dist-*.out") if "start #1" in p.read_text()), None), waiting, 60,
+            cluster.logs)
+        jid = log_file.stem.rsplit("-", 1)[1]
+        cluster.run("scancel", jid)
+        finish(waiting, 300, lambda: explain(cluster, logs, jid))
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    # sbatch --wait returns once the job is CANCELLED, while its batch shell may still be finishing
+    log = wait_for("the batch shell's last word", lambda: "not requeueing" in job_log(logs, jid) and
+                   job_log(logs, jid), None, 30, lambda: explain(cluster, logs, jid))
+    assert f"job {jid} is being cancelled" in log, log
+    time.sleep(cluster.cred_expire + 5)  # a requeued job would be pending or running again by now
+    queue = cluster.run("squeue", "-h", "-j", jid, "-o", "%T", check=False).stdout.strip()
+    log = job_log(logs, jid)
+    assert "requeueing" not in log and "start #2" not in log and queue == "", f"{queue}\n{log}"
