@@ -35,6 +35,10 @@ class TrainConfig:
     model: str = _f("fast", "architecture name from mnist_dist.models.MODELS")
     epochs: int = _f(1, "full passes over the 60,000 training images")
     batch_size: int = _f(256, "GLOBAL batch: every rank takes batch_size // world_size")
+    grad_accum: str = _f("1", "micro-batches per optimizer step (K): the global batch is per-rank micro-batch "
+                              "x world size x K; 'auto': the smallest K that keeps the per-rank micro-batch "
+                              "<= --max-micro-batch (a job that loses half its GPUs keeps its global batch)")
+    max_micro_batch: int = _f(0, "largest per-rank micro-batch for --grad-accum auto (0: no limit)")
     lr: float = _f(0.01, "peak learning rate (OneCycle's max_lr)")
     optimizer: str = _f("adam", "adam | adamw | sgd")
     betas: tuple[float, float] = _f((0.7, 0.9), "Adam/AdamW betas (momentum for sgd is betas[0])")
@@ -150,6 +154,28 @@ def resolve_config(recipe: str, overrides: dict[str, Any]) -> TrainConfig:
     return cfg
 
 
+def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
+    """K for --grad-accum (a number, or auto), checked against the batch and the world size."""
+    per_rank = cfg.batch_size // world_size
+    if cfg.grad_accum == "auto":
+        if cfg.max_micro_batch <= 0:
+            raise UserError("--grad-accum auto needs --max-micro-batch N (the largest per-rank micro-batch)")
+        # the smallest K dividing the per-rank batch with a micro-batch <= the limit (K = per_rank: 1 image)
+        return next(k for k in range(1, per_rank + 1) if per_rank % k == 0 and per_rank // k <= cfg.max_micro_batch)
+    try:
+        k = int(cfg.grad_accum)
+    except ValueError:
+        raise UserError(f"--grad-accum must be a positive integer or auto, got {cfg.grad_accum!r}") from None
+    if k < 1:
+        raise UserError(f"--grad-accum must be a positive integer or auto, got {cfg.grad_accum!r}")
+    if cfg.batch_size % (world_size * k):
+        raise UserError(
+            f"--batch-size {cfg.batch_size} is the global batch (per-rank micro-batch x world size x "
+            f"--grad-accum) and must be divisible by world size {world_size} x --grad-accum {k} = {world_size * k}"
+        )
+    return k
+
+
 def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     """Checks that need no process group; raises UserError with one readable line."""
     from .engines import engine_names  # finds the engine modules by name, imports none of them
@@ -168,6 +194,9 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
         )
     if cfg.max_steps < 0:
         raise UserError(f"--max-steps must be >= 0, got {cfg.max_steps}")
+    if cfg.max_micro_batch < 0:
+        raise UserError(f"--max-micro-batch must be >= 0, got {cfg.max_micro_batch}")
+    grad_accum_steps(cfg, world_size)
     if cfg.eval_batch_size <= 0:
         raise UserError(f"--eval-batch-size must be a positive integer, got {cfg.eval_batch_size}")
     if not cfg.lr > 0:

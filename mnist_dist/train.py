@@ -19,7 +19,7 @@ import torch
 from . import data, faults
 from .checkpoint import files as checkpoint_files
 from .checkpoint.state import choose_resume
-from .config import TrainConfig
+from .config import TrainConfig, grad_accum_steps
 from .data.augment import build_batch_transform
 from .dist import DistEnv, broadcast_object, gather_objects
 from .engines.base import Engine
@@ -66,6 +66,7 @@ def build_trainer(cfg: TrainConfig, engine: Engine) -> Trainer:
         cfg, env, engine, model, wrapped, optimizer, scheduler, batches,
         data.to_float(test_u8, cfg.normalize).to(device), test_labels.to(device),
         transform=build_batch_transform(cfg, env, per_rank_batch, len(batches)),
+        grad_accum=grad_accum_steps(cfg, env.world_size),
         progress=Progress(clock=TargetClock(cfg.eval_every, cfg.target_accuracy)),
     )
 
@@ -89,6 +90,8 @@ def run_metadata(trainer: Trainer) -> dict[str, Any]:
         "config": cfg.to_json(),
         "world_size": env.world_size,
         "per_rank_batch": cfg.batch_size // env.world_size,
+        "grad_accum_steps": trainer.grad_accum,
+        "micro_batch": cfg.batch_size // env.world_size // trainer.grad_accum,
         "steps_per_epoch": len(trainer.batches),
         "backend": env.backend,
         "device": str(env.device),
@@ -111,6 +114,7 @@ def fit(cfg: TrainConfig, engine: Engine) -> dict[str, Any]:
     trainer = build_trainer(cfg, engine)
     resume_from = resume(trainer, run)
     p = trainer.progress
+    p.joined_at(env.world_size)
     meta = run_metadata(trainer)
     meta["resumed_from"] = resume_from
     run.write_config(meta)
@@ -147,8 +151,11 @@ def resume(trainer: Trainer, run: RunDir) -> str | None:
     cfg, env, p = trainer.cfg, trainer.env, trainer.progress
     resume_from = choose_resume(cfg, env)
     if resume_from:
-        # to the CPU first; load_state_dict places every tensor (never map_location=<cuda>: see restore)
-        note = trainer.restore(checkpoint_files.load(resume_from, map_location="cpu"), resume_from)
+        # Only global rank 0 reads the file and broadcasts it: the other ranks need no filesystem in
+        # common with it. To the CPU first; load_state_dict places every tensor (never
+        # map_location=<cuda>: see restore).
+        state = checkpoint_files.load(resume_from, map_location="cpu") if env.is_main else None
+        note = trainer.restore(broadcast_object(state, env), resume_from)
         run.truncate_metrics(after_epoch=p.epoch)
         log(env, f"resumed from {resume_from} at epoch {p.epoch + 1} step {p.step_in_epoch} "
                  f"(global step {p.global_step}){'; ' + note if note else ''}")
@@ -178,6 +185,7 @@ def train_epochs(trainer: Trainer, run: RunDir, show_progress: bool) -> EvalResu
             "epoch_seconds": seconds,
             "lr": trainer.optimizer.param_groups[0]["lr"],
             "global_step": p.global_step,
+            "world_size": env.world_size,
         }
         run.append_metrics(record)
         trainer.tracker.log_epoch(record, p.global_step)
@@ -199,6 +207,8 @@ def build_summary(trainer: Trainer, test: EvalResult, warmup_seconds: float) -> 
         "test_total": test.total,
         "test_loss": test.loss,
         "world_size": trainer.env.world_size,
+        "world_sizes": p.world_sizes,  # every world size the run went through (elastic restarts)
+        "grad_accum_steps": trainer.grad_accum,
         "train_seconds": p.train_seconds,
         "epochs": p.epoch,
         "global_step": p.global_step,

@@ -54,6 +54,9 @@ def capture(trainer: Any) -> dict[str, Any] | None:
         "rng": rng,
         "config": trainer.cfg.to_json(),
         "world_size": env.world_size,
+        "grad_accum": trainer.grad_accum,
+        # the world-size-free position in this epoch's sample order (see data/batches.py)
+        "epoch_samples": progress.step_in_epoch * trainer.cfg.batch_size,
         **snapshot.state_dict(),
     }
 
@@ -103,16 +106,17 @@ def save(trainer: Any) -> str | None:
 
 
 def check_resume_compatible(cfg: TrainConfig, env: DistEnv, state: dict[str, Any], source: str) -> None:
+    """The flags that shape the math must match; world size, nodes, --grad-accum, --amp may change
+    (the data position is world-size free: a mid-epoch checkpoint resumes at any world size)."""
     saved = state["config"]
     changed = [k for k in RESUME_KEYS if k in saved and saved[k] != getattr(cfg, k)]
     if changed:
         detail = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {getattr(cfg, k)})" for k in changed)
         raise UserError(f"checkpoint {source} was written with {detail}; resume with the same training flags")
-    if state["world_size"] != env.world_size and int(state["step_in_epoch"]) != 0:
-        raise UserError(
-            f"checkpoint {source} was written mid-epoch at world size {state['world_size']}; resume it "
-            f"with {state['world_size']} processes, or from an epoch-end checkpoint (any world size)"
-        )
+    samples = state.get("epoch_samples")
+    if samples is not None and samples != int(state["step_in_epoch"]) * cfg.batch_size:
+        raise UserError(f"checkpoint {source} is inconsistent: {samples} samples into the epoch is not "
+                        f"{state['step_in_epoch']} global batches of {cfg.batch_size}")
 
 
 def choose_resume(cfg: TrainConfig, env: DistEnv) -> str | None:

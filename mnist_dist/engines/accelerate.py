@@ -116,8 +116,8 @@ def setup(cfg: TrainConfig) -> AccelerateEnv:
     if accelerator.gradient_accumulation_steps != 1:
         raise UserError(
             f"gradient accumulation ({accelerator.gradient_accumulation_steps} steps, from accelerate "
-            f"launch / ACCELERATE_GRADIENT_ACCUMULATION_STEPS) is not supported: mnist-dist steps the "
-            f"optimizer every batch; use a larger --batch-size instead"
+            f"launch / ACCELERATE_GRADIENT_ACCUMULATION_STEPS) is not how mnist-dist accumulates: use "
+            f"--grad-accum K (either engine; --batch-size stays the global batch)"
         )
     if accelerator.num_processes != world_size:
         raise UserError(

@@ -7,6 +7,7 @@ talks to the engine (``engines/base.py``) and never asks which engine it is.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ class Trainer:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     transform: Any = None  # data.augment.BatchTransform (augmentation, channels_last) or None
+    grad_accum: int = 1  # micro-batches per optimizer step (--grad-accum, resolved)
     progress: Progress = field(default_factory=Progress)  # where the run is; saved in checkpoints
     stop: StopRequest = field(default_factory=StopRequest)
     tracker: Tracker = field(default_factory=Tracker)  # wandb on rank 0, else a no-op
@@ -82,17 +84,24 @@ class Trainer:
         return self.progress.global_step >= self.total_steps
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, sums: TrainSums) -> torch.Tensor:
-        engine = self.engine
-        with engine.autocast():
-            logits = self.wrapped(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
+        """One optimizer step on this rank's share of the global batch, in ``grad_accum`` micro-batches:
+        the gradient all_reduce runs once, with the last micro-batch (``no_sync`` on the others), and
+        each micro-batch's loss is scaled by 1/K, so the step equals one step on the whole batch."""
+        engine, k = self.engine, self.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
-        engine.backward(loss)
+        losses = []
+        for i, (xm, ym) in enumerate(zip(x.chunk(k), y.chunk(k)) if k > 1 else [(x, y)]):
+            with engine.no_sync(self.wrapped) if i < k - 1 else contextlib.nullcontext():
+                with engine.autocast():
+                    logits = self.wrapped(xm)
+                loss = F.cross_entropy(logits.float(), ym, label_smoothing=self.cfg.label_smoothing)
+                engine.backward(loss / k if k > 1 else loss)
+            sums.add(loss, logits, ym)
+            losses.append(loss.detach())
         engine.optimizer_step(self.optimizer, self.model.parameters(), self.cfg.grad_clip)
         self.scheduler.step()
         self.progress.global_step += 1
-        sums.add(loss, logits, y)
-        return loss
+        return losses[0] if k == 1 else torch.stack(losses).mean()
 
     def train_batch(self, x: torch.Tensor, y: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
         """One batch of the epoch and what follows it: the step, the time-to-target evaluation,
