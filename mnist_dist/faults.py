@@ -5,8 +5,10 @@
 ACTION is ``kill`` (SIGKILL this process: no cleanup, like the OOM killer) or ``raise`` (an
 exception, like a bug). POINT is ``step`` (right after optimizer step S) or ``checkpoint-rename``
 (after the checkpoint of step S is written under its temporary name, before the rename).
-The fault fires only on global rank R and only while $TORCHELASTIC_RESTART_COUNT equals A (default
-0), so a restarted worker group runs clean — the pattern TorchElastic's own tests use.
+The fault fires only on global rank R and only while the worker group's attempt equals A (default
+0), so a restarted worker group runs clean — the pattern TorchElastic's own tests use. The attempt
+is $TORCHELASTIC_RESTART_COUNT under torchrun, and $MNIST_DIST_ATTEMPT (the count of earlier
+worker-group starts, set by the Ray launcher) under Ray Train.
 """
 
 from __future__ import annotations
@@ -16,6 +18,12 @@ import os
 import signal
 
 ENV = "MNIST_DIST_FAULT"
+ATTEMPT_ENV = "MNIST_DIST_ATTEMPT"
+
+
+def current_attempt() -> int:
+    """0 for the first start of the worker group, 1 after one restart, ..."""
+    return int(os.environ.get(ATTEMPT_ENV) or os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
 
 
 @functools.lru_cache(maxsize=1)  # read once: maybe_fail runs after every optimizer step
@@ -39,7 +47,7 @@ def maybe_fail(point: str, step: int) -> None:
         return
     if int(spec.get("step", -1)) != step:
         return
-    if int(spec.get("attempt", 0)) != int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)):
+    if int(spec.get("attempt", 0)) != current_attempt():
         return
     if spec["action"] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)

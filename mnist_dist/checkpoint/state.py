@@ -95,7 +95,11 @@ def check_resume_compatible(cfg: TrainConfig, env: DistEnv, state: dict[str, Any
 
 
 def choose_resume(cfg: TrainConfig, env: DistEnv) -> str | None:
-    """Rank 0 picks the checkpoint (or none) and every rank gets the same answer — or the same error."""
+    """Rank 0 picks the checkpoint (or none) and every rank gets the same answer — or the same error.
+
+    ``--resume auto`` means rank 0's newest file (the run directory is shared). An explicit path is
+    each rank's own ``--resume``: the same file under torchrun, a per-worker local copy of the
+    same checkpoint under Ray Train (``Checkpoint.as_directory``); rank 0 checks it for everyone."""
     choice: tuple[str | None, str | None] = (None, None)
     if env.is_main and cfg.resume:
         try:
@@ -110,7 +114,7 @@ def choose_resume(cfg: TrainConfig, env: DistEnv) -> str | None:
     path, error = broadcast_object(choice, env)
     if error:
         raise UserError(error)
-    return path
+    return cfg.resume if path and cfg.resume != "auto" else path
 
 
 def rng_state() -> dict[str, torch.Tensor]:

@@ -3,11 +3,16 @@
 A signal may reach a single rank (``kill`` of one worker, a scheduler that signals one process):
 ``agreed()`` takes the MAX of every rank's flag with one all_reduce, so all ranks stop at the same
 step and save the same checkpoint. A second Ctrl-C interrupts at once.
+
+Only a run on its process's main thread installs handlers (Python allows no other). Ray Train runs
+the training function on a thread of its worker actor: there, signals are Ray's business (it
+restarts or stops the worker group) and the flag is simply never set.
 """
 
 from __future__ import annotations
 
 import signal
+import threading
 
 import torch
 import torch.distributed as dist
@@ -23,6 +28,8 @@ class StopRequest:
         self._previous: dict[int, object] = {}
 
     def install(self) -> "StopRequest":
+        if threading.current_thread() is not threading.main_thread():
+            return self
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,9 @@ class Trainer:
     stop: StopRequest = field(default_factory=StopRequest)
     tracker: Tracker = field(default_factory=Tracker)  # wandb on rank 0, else a no-op
     epoch_started: float = 0.0  # perf_counter() when this process started the epoch in progress
+    # called on every rank after each checkpoint with (its path on rank 0, else None; metrics):
+    # the Ray launcher reports our checkpoint files to Ray Train through it (launchers/ray_train.py)
+    on_checkpoint: Callable[[str | None, dict[str, Any]], None] | None = None
 
     @property
     def precision(self):
@@ -131,9 +134,15 @@ class Trainer:
                         self.cfg.eval_batch_size, self.engine.autocast())
 
     # ------------------------------------------------------------------ checkpoints and stopping
-    def save_checkpoint(self) -> str | None:
-        """Collective: every rank contributes its RNG state; rank 0 writes; all wait for the file."""
-        return checkpoint_state.save(self)
+    def save_checkpoint(self, metrics: dict[str, Any] | None = None) -> str | None:
+        """Collective: every rank contributes its RNG state; rank 0 writes; all wait for the file.
+        ``metrics`` (the epoch's record at an epoch end) go to ``on_checkpoint`` with the path."""
+        path = checkpoint_state.save(self)
+        if self.on_checkpoint is not None:
+            p = self.progress
+            self.on_checkpoint(path, metrics if metrics is not None else {
+                "epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "global_step": p.global_step})
+        return path
 
     def restore(self, state: dict[str, Any], source: str) -> None:
         checkpoint_state.restore(self, state, source)
