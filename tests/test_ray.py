@@ -23,9 +23,10 @@ ray_train = pytest.importorskip("ray.train", reason="Ray Train is not installed:
 
 # 234 steps in the one epoch of the default recipe (60,000 / 256): checkpoints at 100, 200 and 234
 FLAGS = ["--checkpoint-every", "100", *QUIET]
-# hermetic: no token file in ~/.ray, no usage reports, no 30 s drain on shutdown, this checkout;
-# and patient: on a busy 2-core machine starting a worker group can take longer than Ray's 60 s
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO),
+# hermetic: no token file in ~/.ray, no usage reports, no 30 s drain on shutdown; patient: on a
+# busy 2-core machine starting a worker group can take longer than Ray's 60 s. (No PYTHONPATH: the
+# workers get this checkout's mnist_dist from the driver, shipped with the job.)
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
 
 

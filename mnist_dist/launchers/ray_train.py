@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="RunConfig.storage_path: where Ray keeps the run's checkpoints (shared by "
                              "all nodes on a cluster; default: Ray's, ~/ray_results)")
     parser.add_argument("--name", default=None,
-                        help="RunConfig.name (default: the run directory's name); running again with "
-                             "the same storage and name continues from Ray's last checkpoint")
+                        help="RunConfig.name (default: the run directory's name); Ray's record of the "
+                             "run is STORAGE/NAME")
     parser.add_argument("--wait-for-resources", action="store_true",
                         help="let Ray wait for CPUs/GPUs the cluster does not have yet (an autoscaler "
                              "will add them) instead of failing at once")
@@ -158,6 +158,9 @@ def ray_command(argv: Sequence[str]) -> int:
     runtime_env = {
         "env_vars": {**{k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)},
                      "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},  # worker output once, as written
+        # this very mnist_dist, shipped with the job: the workers run the driver's code, whether or
+        # not (or in whichever version) the cluster's nodes have the package installed
+        "py_modules": [str(Path(__file__).resolve().parents[1])],
         # in every process of this job, before Ray's backend creates the process group (see
         # dist.import_before_process_group: otherwise gloo threads outlive destroy_process_group)
         "worker_process_setup_hook": "mnist_dist.dist.import_before_process_group",
