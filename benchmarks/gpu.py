@@ -1,14 +1,17 @@
-"""One prepared GPU benchmark for a single borrowed GPU (~5-8 minutes). Checks, then figures.
+"""One prepared GPU benchmark for a single borrowed GPU (<= 8 minutes). Checks, then figures.
 
     MNIST_DATA_DIR=/path/to/data python benchmarks/gpu.py --out-file gpu_results.md
 
 Checks (each row says PASS/FAIL and why):
-  * bf16 AMP and fp16 AMP: finite train/test loss, GradScaler enabled for fp16 (scale reported),
+  * first the `gpu` test suite, ``pytest -m gpu tests/test_gpu.py`` (one row per test): bf16/fp16
+    training to >= 99%, bf16 -> fp16 resume, no host sync in 20 training batches under
+    ``torch.cuda.set_sync_debug_mode("error")`` after warm-up and after a resume (default and best
+    recipe), --compile default / reduce-overhead, export of a CUDA-trained model, --deterministic
+    bit-identical resume, two ranks sharing the GPU over gloo (DDP on CUDA, exact evaluation, the
+    stop flag);
+  * bf16 AMP and fp16 AMP runs: finite train/test loss, GradScaler enabled for fp16 (scale reported),
     test accuracy >= 99% after the default recipe's one epoch;
-  * NCCL at world size 1: ``torchrun --standalone --nproc_per_node=1 train_ddp.py --backend nccl``;
-  * no host-device synchronisation inside the training step: 20 steps under
-    ``torch.cuda.set_sync_debug_mode("error")`` (bf16, and the best recipe with augmentation);
-    fp16 is reported for information (GradScaler.step reads its inf flag on the host).
+  * NCCL at world size 1: ``torchrun --standalone --nproc_per_node=1 train_ddp.py --backend nccl``.
 Figures (each a real ``train_ddp.py`` process):
   * time to 99% test accuracy, training loop only after ``--warmup-steps`` untimed steps (evaluation
     every 10 steps, clock paused), and end to end (process launch -> the evaluation that first
@@ -131,58 +134,30 @@ def run_job(job: Job, tmp: Path, data_dir: str, timeout: float) -> dict:
     return row
 
 
-def sync_check(train_args: list[str]) -> None:
-    """In this process: warm up, then 20 train steps with sync debug mode 'error'. Prints JSON."""
-    import torch
-
-    sys.path.insert(0, str(REPO))
-    from mnist_dist.cli import parse_train_args, setup_engine
-    from mnist_dist.loop.evaluate import TrainSums
-    from mnist_dist.loop.warmup import warm_up
-    from mnist_dist.train import build_trainer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = parse_train_args([*train_args, "--out-dir", tmp, "--no-progress"])
-        engine = setup_engine(cfg)
-        env = engine.env
-        trainer = build_trainer(cfg, engine)
-        warm_up(trainer, 5)
-        sums = TrainSums(env.device)
-        batches = trainer.batches.epoch(0)
-        x, y = next(batches)  # builds this epoch's order on the device (one copy per epoch)
-        if trainer.transform is not None:
-            trainer.transform.epoch_params(0)  # one draw per epoch, outside the steps
-        torch.cuda.synchronize()
-        result = {"sync_free": True, "why": ""}
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for step in range(1, 21):
-                x, y = next(batches)
-                if trainer.transform is not None:
-                    x = trainer.transform(x, 0, step)
-                trainer.train_step(x, y, sums)
-        except RuntimeError as exc:
-            result = {"sync_free": False, "why": " ".join(str(exc).split())[:200]}
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        torch.cuda.synchronize()
-        print(json.dumps(result))
-
-
-def run_sync_check(name: str, args: list[str], data_dir: str, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--sync-check", "--", "--data-dir", data_dir, *args]
-    row: dict = {"name": name, "command": " ".join(cmd[1:])}
+def run_gpu_suite(timeout: float) -> list[dict]:
+    """``pytest -m gpu`` on tests/test_gpu.py; one row per test (PASS / FAIL / SKIP and why)."""
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider",
+           str(REPO / "tests" / "test_gpu.py")]
+    started = time.time()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {**row, "status": "FAIL", "why": f"timed out after {timeout:.0f}s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {**row, "status": "FAIL", "why": f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"}
-    result = json.loads(lines[-1])
-    informational = "fp16" in args
-    status = "PASS" if result["sync_free"] else ("INFO" if informational else "FAIL")
-    return {**row, "status": status, "why": result["why"] or "no sync in 20 steps"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    except subprocess.TimeoutExpired as exc:
+        return [{"name": "gpu test suite", "status": "FAIL", "why": f"timed out after {timeout:.0f}s",
+                 "command": " ".join(cmd[1:]), "wall_s": time.time() - started}]
+    rows = []
+    for line in proc.stdout.splitlines():
+        word, _, rest = line.partition(" ")
+        if word in ("PASSED", "FAILED", "SKIPPED", "ERROR"):
+            test, _, why = rest.partition(" - ")
+            status = {"PASSED": "PASS", "SKIPPED": "SKIP"}.get(word, "FAIL")
+            rows.append({"name": "test " + test.split("::")[-1], "status": status, "why": why[:200]})
+    if proc.returncode not in (0, 5) and not any(r["status"] == "FAIL" for r in rows):
+        rows.append({"name": "gpu test suite", "status": "FAIL",
+                     "why": f"exit {proc.returncode}: {proc.stdout.strip()[-300:]}"})
+    rows.append({"name": "gpu test suite (total)", "status": "PASS" if proc.returncode == 0 else "FAIL",
+                 "why": proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "",
+                 "wall_s": time.time() - started})
+    return rows
 
 
 def fmt(value, spec: str) -> str:
@@ -209,11 +184,9 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=480, help="skip the remaining runs after this many seconds")
     parser.add_argument("--cpu-dry-run", action="store_true", help="plumbing test on the CPU (no figures)")
     parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile runs")
-    parser.add_argument("--sync-check", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("train_args", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--suite-timeout", type=float, default=300, help="seconds for the gpu test suite")
+    parser.add_argument("--skip-suite", action="store_true", help="figures only, without the gpu test suite")
     args = parser.parse_args()
-    if args.sync_check:
-        return sync_check(args.train_args)
 
     import torch
 
@@ -230,22 +203,14 @@ def main() -> None:
 
     started = time.time()
     rows: list[dict] = []
-    jobs: list = []
-    if not args.cpu_dry_run:
-        fast = ["--recipe", "fast", "--amp", "bf16", "--cudnn-benchmark"]
-        jobs += [("sync check: fast bf16 step", fast), ("sync check: best bf16 step (augment, SyncBN n/a)",
-                 ["--recipe", "best", "--amp", "bf16", "--channels-last", "--cudnn-benchmark"]),
-                 ("sync check: fast fp16 step (info)", ["--recipe", "fast", "--amp", "fp16"])]
-    jobs += plan(args.cpu_dry_run, args.skip_compile)
-    for job in jobs:
+    if not args.cpu_dry_run and not args.skip_suite:
+        rows += run_gpu_suite(args.suite_timeout)
+        print(f"[{time.time() - started:5.0f}s] gpu test suite: {rows[-1]['why']}", flush=True)
+    for job in plan(args.cpu_dry_run, args.skip_compile):
         if time.time() - started > args.budget:
-            name = job[0] if isinstance(job, tuple) else job.name
-            rows.append({"name": name, "status": "SKIP", "why": f"over the {args.budget:.0f}s budget"})
+            rows.append({"name": job.name, "status": "SKIP", "why": f"over the {args.budget:.0f}s budget"})
             continue
-        if isinstance(job, tuple):
-            row = run_sync_check(job[0], job[1], data_dir, args.timeout)
-        else:
-            row = run_job(job, Path(tempfile.mkdtemp(prefix="gpu-bench-")), data_dir, args.timeout)
+        row = run_job(job, Path(tempfile.mkdtemp(prefix="gpu-bench-")), data_dir, args.timeout)
         rows.append(row)
         print(f"[{time.time() - started:5.0f}s] {row['status']:4s} {row['name']}: {row.get('why', '')}", flush=True)
 

@@ -35,6 +35,10 @@ class TrainConfig:
     model: str = _f("fast", "architecture name from mnist_dist.models.MODELS")
     epochs: int = _f(1, "full passes over the 60,000 training images")
     batch_size: int = _f(256, "GLOBAL batch: every rank takes batch_size // world_size")
+    grad_accum: str = _f("1", "micro-batches per optimizer step (K): the global batch is per-rank micro-batch "
+                              "x world size x K; 'auto': the smallest K that keeps the per-rank micro-batch "
+                              "<= --max-micro-batch (a job that loses half its GPUs keeps its global batch)")
+    max_micro_batch: int = _f(0, "largest per-rank micro-batch for --grad-accum auto (0: no limit)")
     lr: float = _f(0.01, "peak learning rate (OneCycle's max_lr)")
     optimizer: str = _f("adam", "adam | adamw | sgd")
     betas: tuple[float, float] = _f((0.7, 0.9), "Adam/AdamW betas (momentum for sgd is betas[0])")
@@ -84,13 +88,17 @@ class TrainConfig:
     aug_degrees: float = _f(10.0, "--augment: max rotation in degrees")
     aug_shift: float = _f(2.0, "--augment: max shift in pixels (each axis)")
     aug_scale: float = _f(0.1, "--augment: max relative zoom (scale drawn in [1-s, 1+s])")
-    sync_bn: bool = _f(True, "convert BatchNorm to SyncBatchNorm under a process group on CUDA (the CPU "
-                             "keeps per-rank BatchNorm; running stats are averaged before evaluation)")
+    sync_bn: bool = _f(False, "opt-in: BatchNorm -> SyncBatchNorm under a process group on CUDA (global-"
+                              "batch statistics; NOT sync-free: host syncs and a blocking all_gather in every "
+                              "BN layer). Default: per-rank BatchNorm, running stats averaged before evaluation")
     channels_last: bool = _f(False, "channels_last memory format for the model and its input batches")
     compile: bool = _f(False, "torch.compile the training model (see --compile-mode)")
-    compile_mode: str = _f("default", "torch.compile mode: default | reduce-overhead (CUDA graphs) | "
+    compile_mode: str = _f("default", "torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune (also CUDA graphs) | "
                                       "max-autotune | max-autotune-no-cudagraphs")
     cudnn_benchmark: bool = _f(False, "torch.backends.cudnn.benchmark (CUDA only; picks the fastest kernels)")
+    deterministic: bool = _f(False, "deterministic kernels: torch.use_deterministic_algorithms, cuDNN deterministic "
+                                    "(no benchmark), CUBLAS_WORKSPACE_CONFIG; makes CUDA resume bit-identical "
+                                    "(the CPU always is)")
     warmup_steps: int = _f(0, "untimed training steps before the run (compilation, autotuning); model, "
                               "optimizer, scheduler and scaler are then reset to their initial state")
     eval_every: int = _f(0, "also evaluate every N optimizer steps, clock paused, to time reaching "
@@ -115,12 +123,11 @@ RECIPES: dict[str, dict[str, Any]] = {
         model="fast", epochs=1, batch_size=256, lr=0.01, optimizer="adam", betas=(0.7, 0.9),
         schedule="onecycle", normalize=True, label_smoothing=0.1, weight_decay=0.0,
     ),
-    # Best accuracy: BatchNorm (SyncBatchNorm under DDP), on-device augmentation, label smoothing,
-    # OneCycle; >= 99.6% test accuracy within 15 epochs (figures in the README).
+    # Best accuracy: BatchNorm (per-rank, running statistics averaged before evaluation), on-device
+    # augmentation, label smoothing, OneCycle; >= 99.6% test accuracy within 15 epochs (docs/performance.md).
     "best": dict(
         model="best", epochs=BEST_EPOCHS, batch_size=256, lr=0.005, optimizer="adam", betas=(0.9, 0.99),
         schedule="onecycle", normalize=True, label_smoothing=0.1, weight_decay=0.0, augment=True,
-        sync_bn=True,
     ),
     # The original notebook, exactly: its CNN, Adam lr 1e-4, batch 128, 7 epochs, pixels in [0, 1].
     "seed": dict(
@@ -147,6 +154,28 @@ def resolve_config(recipe: str, overrides: dict[str, Any]) -> TrainConfig:
     return cfg
 
 
+def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
+    """K for --grad-accum (a number, or auto), checked against the batch and the world size."""
+    per_rank = cfg.batch_size // world_size
+    if cfg.grad_accum == "auto":
+        if cfg.max_micro_batch <= 0:
+            raise UserError("--grad-accum auto needs --max-micro-batch N (the largest per-rank micro-batch)")
+        # the smallest K dividing the per-rank batch with a micro-batch <= the limit (K = per_rank: 1 image)
+        return next(k for k in range(1, per_rank + 1) if per_rank % k == 0 and per_rank // k <= cfg.max_micro_batch)
+    try:
+        k = int(cfg.grad_accum)
+    except ValueError:
+        raise UserError(f"--grad-accum must be a positive integer or auto, got {cfg.grad_accum!r}") from None
+    if k < 1:
+        raise UserError(f"--grad-accum must be a positive integer or auto, got {cfg.grad_accum!r}")
+    if cfg.batch_size % (world_size * k):
+        raise UserError(
+            f"--batch-size {cfg.batch_size} is the global batch (per-rank micro-batch x world size x "
+            f"--grad-accum) and must be divisible by world size {world_size} x --grad-accum {k} = {world_size * k}"
+        )
+    return k
+
+
 def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     """Checks that need no process group; raises UserError with one readable line."""
     from .engines import engine_names  # finds the engine modules by name, imports none of them
@@ -165,6 +194,9 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
         )
     if cfg.max_steps < 0:
         raise UserError(f"--max-steps must be >= 0, got {cfg.max_steps}")
+    if cfg.max_micro_batch < 0:
+        raise UserError(f"--max-micro-batch must be >= 0, got {cfg.max_micro_batch}")
+    grad_accum_steps(cfg, world_size)
     if cfg.eval_batch_size <= 0:
         raise UserError(f"--eval-batch-size must be a positive integer, got {cfg.eval_batch_size}")
     if not cfg.lr > 0:
@@ -194,6 +226,9 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     from .outputs.tracking import validate_tracking  # --wandb-* flags and the optional packages they need
 
     validate_tracking(cfg)
+    if cfg.deterministic and cfg.cudnn_benchmark:
+        raise UserError("--deterministic and --cudnn-benchmark exclude each other (benchmark mode picks "
+                        "kernels by timing, which is not deterministic)")
     if cfg.compile_mode not in COMPILE_MODES:
         raise UserError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
     for name, value in (("--aug-degrees", cfg.aug_degrees), ("--aug-shift", cfg.aug_shift),

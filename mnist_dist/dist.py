@@ -27,7 +27,7 @@ from .errors import UserError
 @dataclass(frozen=True)
 class DistEnv:
     rank: int  # global rank, 0 .. world_size-1
-    local_rank: int  # rank on this node; also the CUDA device index
+    local_rank: int  # rank on this node; its GPU is cuda:LOCAL_RANK (round-robin when gloo shares GPUs)
     world_size: int  # processes in the job
     local_world_size: int  # processes on this node
     device: torch.device  # cuda:LOCAL_RANK or cpu
@@ -100,20 +100,23 @@ def usable_cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def pick_device(requested: str, local_rank: int, local_world_size: int) -> torch.device:
+def pick_device(requested: str, local_rank: int, local_world_size: int, share: bool = False) -> torch.device:
+    """cuda:LOCAL_RANK (never the global rank), or the CPU. ``share``: more local ranks than GPUs
+    take the GPUs round-robin (gloo moves CUDA tensors through the host, so ranks may share a GPU;
+    NCCL refuses two ranks on one GPU) — used to test multi-rank CUDA paths on one GPU."""
     cuda = torch.cuda.is_available()
     if requested == "cuda" and not cuda:
         raise UserError("--device cuda was requested but CUDA is not available on this machine")
     if requested == "cpu" or not cuda:
         return torch.device("cpu")
     visible = torch.cuda.device_count()
-    if local_world_size > visible:
+    if local_world_size > visible and not share:
         raise UserError(
             f"{local_world_size} processes on this node but only {visible} visible GPU(s); "
             f"use --nproc_per_node={visible} or fewer (CUDA_VISIBLE_DEVICES="
-            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')})"
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}), or --backend gloo to let ranks share GPUs"
         )
-    return torch.device("cuda", local_rank)  # the LOCAL rank, never the global one
+    return torch.device("cuda", local_rank % visible)
 
 
 def pick_backend(requested: str, device: torch.device) -> str:
@@ -128,7 +131,7 @@ def setup(backend: str = "auto", device: str = "auto", timeout_s: float = 300.0,
           threads: int = 0) -> DistEnv:
     """Read the launcher's environment, pick device and backend, join the process group."""
     rank, local_rank, world_size, local_world_size = launcher_world()
-    dev = pick_device(device, local_rank, local_world_size)
+    dev = pick_device(device, local_rank, local_world_size, share=backend == "gloo")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     torch.set_num_threads(threads or max(1, usable_cpu_count() // max(local_world_size, 1)))

@@ -1,14 +1,16 @@
 """Deliberate failures for the fault-tolerance tests. Inert unless $MNIST_DIST_FAULT is set.
 
-    MNIST_DIST_FAULT="ACTION,point=POINT,rank=R,step=S[,attempt=A]"
+    MNIST_DIST_FAULT="ACTION,point=POINT,rank=R[,step=S][,attempt=A][,seconds=T]"
 
-ACTION is ``kill`` (SIGKILL this process: no cleanup, like the OOM killer) or ``raise`` (an
-exception, like a bug). POINT is ``step`` (right after optimizer step S) or ``checkpoint-rename``
-(after the checkpoint of step S is written under its temporary name, before the rename).
+ACTION is ``kill`` (SIGKILL this process: no cleanup, like the OOM killer), ``raise`` (an
+exception, like a bug) or ``delay`` (sleep T seconds, like slow storage or a slow upload). POINT is
+``step`` (right after optimizer step S), ``checkpoint-rename`` (after the checkpoint of step S is
+written under its temporary name, before the rename) or ``epilogue`` (rank 0's final writes, after
+the ranks' last barrier). Without ``step=`` the fault fires at any step.
 The fault fires only on global rank R and only while the worker group's attempt equals A (default
-0), so a restarted worker group runs clean — the pattern TorchElastic's own tests use. The attempt
-is $TORCHELASTIC_RESTART_COUNT under torchrun, and $MNIST_DIST_ATTEMPT (the count of earlier
-worker-group starts, set by the Ray launcher) under Ray Train.
+0), so a restarted worker group runs clean — the pattern TorchElastic's own tests use; ``attempt=*``
+fires in every attempt. The attempt is $TORCHELASTIC_RESTART_COUNT under torchrun, and
+$MNIST_DIST_ATTEMPT (the count of earlier worker-group starts, set by the Ray launcher) under Ray.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import time
 
 ENV = "MNIST_DIST_FAULT"
 ATTEMPT_ENV = "MNIST_DIST_ATTEMPT"
@@ -45,9 +48,13 @@ def maybe_fail(point: str, step: int) -> None:
         return
     if int(spec.get("rank", 0)) != int(os.environ.get("RANK", 0)):
         return
-    if int(spec.get("step", -1)) != step:
+    if "step" in spec and int(spec["step"]) != step:
         return
-    if int(spec.get("attempt", 0)) != current_attempt():
+    attempt = spec.get("attempt", "0")
+    if attempt != "*" and int(attempt) != current_attempt():
+        return
+    if spec["action"] == "delay":
+        time.sleep(float(spec.get("seconds", 0)))
         return
     if spec["action"] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)

@@ -16,14 +16,14 @@ from typing import Any, Callable
 
 import torch
 
-from . import data
+from . import data, faults
 from .checkpoint import files as checkpoint_files
 from .checkpoint.state import choose_resume
-from .config import TrainConfig
+from .config import TrainConfig, grad_accum_steps
 from .data.augment import build_batch_transform
 from .dist import DistEnv, broadcast_object, gather_objects
 from .engines.base import Engine
-from .engines.prepare import compile_model, prepare_model, uses_sync_batchnorm
+from .engines.prepare import compile_model, configure_torch, prepare_model, uses_sync_batchnorm
 from .errors import UserError
 from .loop.clock import TargetClock
 from .loop.evaluate import EvalResult
@@ -39,6 +39,7 @@ from .outputs.tracking import Tracker
 
 def build_trainer(cfg: TrainConfig, engine: Engine) -> Trainer:
     env = engine.env
+    configure_torch(cfg, env, engine.precision.name)
     seed_everything(cfg.seed)
     data.prepare(cfg.data_dir, env, cfg.download)
     train_u8, train_labels = data.load_split(cfg.data_dir, train=True)
@@ -59,12 +60,13 @@ def build_trainer(cfg: TrainConfig, engine: Engine) -> Trainer:
     wrapped = compile_model(engine.wrap(model), cfg)
     if engine.unwrap(wrapped) is not model:
         raise RuntimeError(f"engine {engine.name} does not unwrap to the model it wrapped")
-    optimizer = build_optimizer(cfg, model.parameters())
+    optimizer = build_optimizer(cfg, model.parameters(), device)
     scheduler = build_scheduler(cfg, optimizer, total_steps=planned_steps(cfg, len(batches)))
     return Trainer(
         cfg, env, engine, model, wrapped, optimizer, scheduler, batches,
         data.to_float(test_u8, cfg.normalize).to(device), test_labels.to(device),
         transform=build_batch_transform(cfg, env, per_rank_batch, len(batches)),
+        grad_accum=grad_accum_steps(cfg, env.world_size),
         progress=Progress(clock=TargetClock(cfg.eval_every, cfg.target_accuracy)),
     )
 
@@ -89,6 +91,8 @@ def run_metadata(trainer: Trainer) -> dict[str, Any]:
         "world_size": env.world_size,
         "launcher": env.launcher,
         "per_rank_batch": cfg.batch_size // env.world_size,
+        "grad_accum_steps": trainer.grad_accum,
+        "micro_batch": cfg.batch_size // env.world_size // trainer.grad_accum,
         "steps_per_epoch": len(trainer.batches),
         "backend": env.backend,
         "device": str(env.device),
@@ -112,15 +116,9 @@ def fit(cfg: TrainConfig, engine: Engine,
     run.create()
     trainer = build_trainer(cfg, engine)
     trainer.on_checkpoint = on_checkpoint
-    resume_from = choose_resume(cfg, env)
+    resume_from = resume(trainer, run)
     p = trainer.progress
-    if resume_from:
-        trainer.restore(checkpoint_files.load(resume_from, map_location=env.device), resume_from)
-        run.truncate_metrics(after_epoch=p.epoch)
-        log(env, f"resumed from {resume_from} at epoch {p.epoch + 1} step {p.step_in_epoch} "
-                 f"(global step {p.global_step})")
-    elif cfg.resume == "auto":
-        log(env, f"no checkpoint in {cfg.out_dir}/checkpoints: starting fresh")
+    p.joined_at(env.world_size)
     meta = run_metadata(trainer)
     meta["resumed_from"] = resume_from
     run.write_config(meta)
@@ -142,6 +140,7 @@ def fit(cfg: TrainConfig, engine: Engine,
     predicted = final_predictions(test, len(trainer.test_labels), env) if cfg.plots else None
     env.barrier()  # after the last collective: from here rank 0 works alone and the others may leave
     if env.is_main:
+        faults.maybe_fail("epilogue", p.global_step)
         run.save_weights(trainer.model)
         run.write_summary(summary)
         log(env, f"done: test accuracy {test.accuracy:.2%} ({test.correct}/{test.total}) in "
@@ -149,6 +148,24 @@ def fit(cfg: TrainConfig, engine: Engine,
         write_final_outputs(cfg.out_dir, cfg, trainer.model, trainer.test_labels, predicted)
         trainer.tracker.finish(summary, cfg.out_dir)
     return summary
+
+
+def resume(trainer: Trainer, run: RunDir) -> str | None:
+    """``--resume``: the checkpoint rank 0 chose, restored on every rank (None: a fresh start)."""
+    cfg, env, p = trainer.cfg, trainer.env, trainer.progress
+    resume_from = choose_resume(cfg, env)
+    if resume_from:
+        # Only global rank 0 reads the file and broadcasts it: the other ranks need no filesystem in
+        # common with it. To the CPU first; load_state_dict places every tensor (never
+        # map_location=<cuda>: see restore).
+        state = checkpoint_files.load(resume_from, map_location="cpu") if env.is_main else None
+        note = trainer.restore(broadcast_object(state, env), resume_from)
+        run.truncate_metrics(after_epoch=p.epoch)
+        log(env, f"resumed from {resume_from} at epoch {p.epoch + 1} step {p.step_in_epoch} "
+                 f"(global step {p.global_step}){'; ' + note if note else ''}")
+    elif cfg.resume == "auto":
+        log(env, f"no checkpoint in {cfg.out_dir}/checkpoints: starting fresh")
+    return resume_from
 
 
 def train_epochs(trainer: Trainer, run: RunDir, show_progress: bool) -> EvalResult:
@@ -172,6 +189,7 @@ def train_epochs(trainer: Trainer, run: RunDir, show_progress: bool) -> EvalResu
             "epoch_seconds": seconds,
             "lr": trainer.optimizer.param_groups[0]["lr"],
             "global_step": p.global_step,
+            "world_size": env.world_size,
         }
         run.append_metrics(record)
         trainer.tracker.log_epoch(record, p.global_step)
@@ -194,6 +212,8 @@ def build_summary(trainer: Trainer, test: EvalResult, warmup_seconds: float) -> 
         "test_loss": test.loss,
         "world_size": trainer.env.world_size,
         "launcher": trainer.env.launcher,
+        "world_sizes": p.world_sizes,  # every world size the run went through (elastic restarts)
+        "grad_accum_steps": trainer.grad_accum,
         "train_seconds": p.train_seconds,
         "epochs": p.epoch,
         "global_step": p.global_step,

@@ -44,14 +44,38 @@ def free_port() -> int:
 
 
 def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a CPU test's child process: GPUs hidden, so the CPU suite behaves the same
+    on a GPU machine (2-rank tests would otherwise fail on one GPU, or switch to NCCL on several)."""
     env = dict(os.environ)
     # never inherit a launcher's world from an outer process
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                 "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
         env.pop(key, None)
-    env.update({"PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"})
+    env.update({"PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
+                "CUDA_VISIBLE_DEVICES": ""})
     env.update(extra)
     return env
+
+
+def gpu_env(**extra: str) -> dict[str, str]:
+    """The environment of a `gpu` test's child process: the GPUs this pytest process sees."""
+    env = child_env(**extra)
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
+    else:
+        env.pop("CUDA_VISIBLE_DEVICES")
+    env.update(extra)
+    return env
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """`gpu` tests run only where CUDA is present; elsewhere they are skipped, saying why."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 def run(args: list[str], timeout: float = 300, env: dict[str, str] | None = None,

@@ -129,10 +129,15 @@ def test_explicit_bad_checkpoint_is_one_clear_error(straight_run, mnist_root, tm
     assert_one_line_error(proc, needle, str(bad))
 
 
-def test_mid_epoch_checkpoint_refuses_another_world_size(straight_run, mnist_root, tmp_path):
+def test_mid_epoch_checkpoint_resumes_at_another_world_size_but_not_with_other_flags(
+        straight_run, mnist_root, tmp_path):
+    """Issue 14: the data position is world-size free, so a 2-rank mid-epoch checkpoint resumes in
+    one process (it used to be refused); the flags that shape the math still must not change."""
     mid = straight_run / "checkpoints" / "step-00000025.pt"
-    proc = python(*train_flags(mnist_root, tmp_path / "run", "--resume", str(mid)))
-    assert_one_line_error(proc, "mid-epoch at world size 2")
+    resumed = ok(python(*train_flags(mnist_root, tmp_path / "run", "--resume", str(mid))))
+    assert "at epoch 2 step 10 (global step 25)" in resumed.stdout
+    summary = read_json(tmp_path / "run" / "summary.json")
+    assert summary["global_step"] == 30 and summary["world_sizes"] == [2, 1]
     changed = python(*train_flags(mnist_root, tmp_path / "run2", "--resume", str(mid), "--lr", "0.5"))
     assert_one_line_error(changed, "--lr 0.01 (now 0.5)")
 

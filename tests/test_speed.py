@@ -88,14 +88,13 @@ def test_channels_last_only_transform(mnist_root):
 
 # ----------------------------------------------------------------------------- model preparation
 def test_prepare_model_converts_batchnorm_only_under_a_cuda_process_group():
-    cfg = resolve_config("best", {})
+    cfg = resolve_config("best", {"sync_bn": True})  # opt-in since issue 12 (not sync-free)
     cuda_ranks = DistEnv(0, 0, 2, 2, torch.device("cuda", 0), "nccl")  # conversion itself needs no GPU
     synced = prepare_model(build_model("best"), cfg, cuda_ranks)
     assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == 3
     for not_converted in (prepare_model(build_model("best"), cfg, env()),  # no process group
                           prepare_model(build_model("best"), cfg, env(0, 2, "gloo")),  # DDP refuses CPU SyncBN
-                          prepare_model(build_model("best"), resolve_config("best", dict(sync_bn=False)),
-                                        cuda_ranks)):
+                          prepare_model(build_model("best"), resolve_config("best", {}), cuda_ranks)):  # default
         assert not any(isinstance(m, nn.SyncBatchNorm) for m in not_converted.modules())
         assert sum(isinstance(m, nn.BatchNorm2d) for m in not_converted.modules()) == 3
     plain = prepare_model(build_model("best"), cfg, env())

@@ -24,7 +24,8 @@ from ..errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT = "mnist-dist-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: world-size-free data position (epoch_samples), world_sizes, grad_accum
+OLDEST_VERSION = 1  # still resumes: version 2 only added keys
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
 REQUIRED_KEYS = ("format", "version", "model", "optimizer", "scheduler", "scaler", "epoch",
                  "step_in_epoch", "global_step", "rng", "config", "world_size")
@@ -95,8 +96,13 @@ def load(path: str | os.PathLike, map_location: torch.device | str = "cpu") -> d
         raise UserError(f"checkpoint {path} is corrupt or truncated: {reason}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"checkpoint {path} is not an mnist-dist checkpoint")
-    if state.get("version") != VERSION:
-        raise UserError(f"checkpoint {path} has format version {state.get('version')}, expected {VERSION}")
+    version = state.get("version")
+    if isinstance(version, int) and version > VERSION:
+        raise UserError(f"checkpoint {path} has format version {version}, newer than this mnist-dist reads "
+                        f"({OLDEST_VERSION}..{VERSION}); resume it with the newer mnist-dist that wrote it")
+    if not isinstance(version, int) or version < OLDEST_VERSION:
+        raise UserError(f"checkpoint {path} has format version {version!r}; this mnist-dist reads "
+                        f"{OLDEST_VERSION}..{VERSION}")
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise UserError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")

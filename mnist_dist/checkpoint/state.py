@@ -20,7 +20,7 @@ from ..config import TrainConfig
 from ..dist import DistEnv, all_reduce_sum, broadcast_object, gather_objects
 from ..errors import UserError
 from ..loop.evaluate import TrainSums
-from ..loop.optim import seed_everything
+from ..loop.optim import load_optimizer_state, seed_everything
 from ..models import clean_state_dict
 from . import files
 
@@ -50,27 +50,51 @@ def capture(trainer: Any) -> dict[str, Any] | None:
         "optimizer": trainer.optimizer.state_dict(),
         "scheduler": trainer.scheduler.state_dict(),
         "scaler": trainer.engine.precision.scaler.state_dict(),
+        "precision": trainer.engine.precision.name,
         "rng": rng,
         "config": trainer.cfg.to_json(),
         "world_size": env.world_size,
+        "grad_accum": trainer.grad_accum,
+        # the world-size-free position in this epoch's sample order (see data/batches.py)
+        "epoch_samples": progress.step_in_epoch * trainer.cfg.batch_size,
         **snapshot.state_dict(),
     }
 
 
-def restore(trainer: Any, state: dict[str, Any], source: str) -> None:
-    """The inverse of ``capture`` on every rank (after ``check_resume_compatible``)."""
+def restore(trainer: Any, state: dict[str, Any], source: str) -> str:
+    """The inverse of ``capture`` on every rank (after ``check_resume_compatible``). ``state`` was
+    loaded to the CPU: ``load_state_dict`` puts each tensor where it belongs (Adam's ``step`` counts
+    stay on the CPU, as Adam expects; on a GPU they would cost a host sync per parameter per step).
+    Returns a note for the resume line ("" or e.g. "amp bf16 -> fp16")."""
     env = trainer.env
     check_resume_compatible(trainer.cfg, env, state, source)
     trainer.model.load_state_dict(state["model"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(trainer.optimizer, state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
-    trainer.engine.precision.scaler.load_state_dict(state["scaler"])
+    note = restore_scaler(trainer.engine.precision, state)
     trainer.progress.load_state_dict(state, env.device, holds_sums=env.is_main)
     rngs = state["rng"]
     if env.rank < len(rngs):
         set_rng_state(rngs[env.rank])
     else:  # more ranks than when it was saved (epoch-end checkpoints only): a fresh, distinct stream
         seed_everything(trainer.cfg.seed + env.rank + 1000 * trainer.progress.epoch)
+    return note
+
+
+def restore_scaler(precision: Any, state: dict[str, Any]) -> str:
+    """The GradScaler's state, only where it exists and applies. ``--amp`` may change across a resume
+    (a requeue onto another GPU type): a bf16/off checkpoint holds a disabled scaler's empty state,
+    which an fp16 run's enabled scaler cannot load ("The source state dict is empty"); it starts
+    from its initial scale instead. An fp16 checkpoint's scale is ignored by a bf16/off run."""
+    saved = state.get("scaler") or {}
+    scaler = precision.scaler
+    if saved and scaler.is_enabled():
+        scaler.load_state_dict(saved)
+    before = state.get("precision") or ("fp16" if saved else None)
+    if before is None or before == precision.name:
+        return ""
+    fresh = " (GradScaler starts at its initial scale)" if scaler.is_enabled() and not saved else ""
+    return f"amp {before} -> {precision.name}{fresh}"
 
 
 def save(trainer: Any) -> str | None:
@@ -82,24 +106,21 @@ def save(trainer: Any) -> str | None:
 
 
 def check_resume_compatible(cfg: TrainConfig, env: DistEnv, state: dict[str, Any], source: str) -> None:
+    """The flags that shape the math must match; world size, nodes, --grad-accum, --amp may change
+    (the data position is world-size free: a mid-epoch checkpoint resumes at any world size)."""
     saved = state["config"]
     changed = [k for k in RESUME_KEYS if k in saved and saved[k] != getattr(cfg, k)]
     if changed:
         detail = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {getattr(cfg, k)})" for k in changed)
         raise UserError(f"checkpoint {source} was written with {detail}; resume with the same training flags")
-    if state["world_size"] != env.world_size and int(state["step_in_epoch"]) != 0:
-        raise UserError(
-            f"checkpoint {source} was written mid-epoch at world size {state['world_size']}; resume it "
-            f"with {state['world_size']} processes, or from an epoch-end checkpoint (any world size)"
-        )
+    samples = state.get("epoch_samples")
+    if samples is not None and samples != int(state["step_in_epoch"]) * cfg.batch_size:
+        raise UserError(f"checkpoint {source} is inconsistent: {samples} samples into the epoch is not "
+                        f"{state['step_in_epoch']} global batches of {cfg.batch_size}")
 
 
 def choose_resume(cfg: TrainConfig, env: DistEnv) -> str | None:
-    """Rank 0 picks the checkpoint (or none) and every rank gets the same answer — or the same error.
-
-    ``--resume auto`` means rank 0's newest file (the run directory is shared). An explicit path is
-    each rank's own ``--resume``: the same file under torchrun, a per-worker local copy of the
-    same checkpoint under Ray Train (``Checkpoint.as_directory``); rank 0 checks it for everyone."""
+    """Rank 0 picks the checkpoint (or none) and every rank gets the same answer — or the same error."""
     choice: tuple[str | None, str | None] = (None, None)
     if env.is_main and cfg.resume:
         try:
@@ -114,7 +135,7 @@ def choose_resume(cfg: TrainConfig, env: DistEnv) -> str | None:
     path, error = broadcast_object(choice, env)
     if error:
         raise UserError(error)
-    return cfg.resume if path and cfg.resume != "auto" else path
+    return path
 
 
 def rng_state() -> dict[str, torch.Tensor]:

@@ -5,12 +5,22 @@ Training order always comes from ``torch.utils.data.DistributedSampler`` (shuffl
 the two paths (``tensor``: the dataset held on the device; ``dataloader``: the classic per-sample
 pipeline) give the same batches in the same order. Evaluation uses contiguous, disjoint, unpadded
 shards instead (``eval_shard``), so every test image counts exactly once at any world size.
+
+The data position is independent of the world size: an epoch's order is one permutation of the
+training set (seeded with seed + epoch), and with ``DistributedSampler``'s interleaved slices global
+batch j of B images is exactly positions [j*B, (j+1)*B) of that permutation at EVERY world size
+(rank r takes positions j*B + r + k*W, k < B/W). So "optimizer steps done in this epoch" is a
+position any world size can resume from. Each epoch uses floor(N / B) global batches; the remaining
+N mod B images of that epoch's permutation (96 of 60,000 at B = 256) are left out (``drop_last``), the
+same ones at every world size.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, TextIO
 
 import torch
 from torch.utils.data import DistributedSampler
@@ -32,7 +42,18 @@ def rank_indices(n: int, env: DistEnv, seed: int, epoch: int) -> torch.Tensor:
 
 
 def steps_per_epoch(n: int, world_size: int, per_rank_batch: int) -> int:
-    return (n // world_size) // per_rank_batch
+    """Global batches per epoch: floor(N / B) with B = per-rank batch x world size (the same as
+    DistributedSampler's floor(floor(N / W) / (B / W)), at every world size)."""
+    return n // (world_size * per_rank_batch)
+
+
+INDEX_LOG_ENV = "MNIST_DIST_INDEX_LOG"  # tests only: PATH -> every batch's sample indices in PATH.rank<R>
+
+
+def index_log(env: DistEnv) -> TextIO | None:
+    """For the tests that prove every training index is used once per epoch across a resume."""
+    path = os.environ.get(INDEX_LOG_ENV)
+    return open(f"{path}.rank{env.rank}", "a") if path else None
 
 
 def eval_shard(n: int, rank: int, world_size: int) -> slice:
@@ -56,8 +77,12 @@ class TensorBatches:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = rank_indices(len(self.labels), self.env, self.seed, epoch).to(self.images.device)
         b = self.per_rank_batch
+        log = index_log(self.env)
         for step in range(start_step, len(self)):
             idx = order[step * b:(step + 1) * b]
+            if log is not None:  # tests only (a host sync per batch)
+                log.write(json.dumps({"epoch": epoch, "step": step, "indices": idx.tolist()}) + "\n")
+                log.flush()
             yield self.images[idx], self.labels[idx]
 
 

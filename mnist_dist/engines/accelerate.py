@@ -87,6 +87,10 @@ def setup(cfg: TrainConfig) -> AccelerateEnv:
         raise UserError("WORLD_SIZE > 1 but MASTER_ADDR is not set; launch with torchrun or accelerate launch")
     # Our checks first (one readable line): too few GPUs for the local ranks, --device cuda without CUDA.
     wanted = pick_device(cfg.device, local_rank, local_world_size)
+    if wanted.type == "cuda":
+        # before anything touches CUDA (the bf16 probe, the process group): otherwise every rank
+        # creates a context on GPU 0 first
+        torch.cuda.set_device(wanted)
     cpu = wanted.type == "cpu"
     if cpu and cfg.backend == "nccl":
         raise UserError("--backend nccl needs CUDA devices; use gloo (or auto) on the CPU")
@@ -112,8 +116,8 @@ def setup(cfg: TrainConfig) -> AccelerateEnv:
     if accelerator.gradient_accumulation_steps != 1:
         raise UserError(
             f"gradient accumulation ({accelerator.gradient_accumulation_steps} steps, from accelerate "
-            f"launch / ACCELERATE_GRADIENT_ACCUMULATION_STEPS) is not supported: mnist-dist steps the "
-            f"optimizer every batch; use a larger --batch-size instead"
+            f"launch / ACCELERATE_GRADIENT_ACCUMULATION_STEPS) is not how mnist-dist accumulates: use "
+            f"--grad-accum K (either engine; --batch-size stays the global batch)"
         )
     if accelerator.num_processes != world_size:
         raise UserError(
@@ -159,19 +163,27 @@ class AccelerateEngine(Engine):
         return cls(cfg, env, Precision(name, env.device, scaler))
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Device placement, DDP and autocast by accelerate. ``model`` stays the raw module:
-        accelerate patches its forward for autocast but does not replace it."""
+        """Device placement and DDP by accelerate. ``model`` stays the raw module.
+
+        For bf16/fp16, ``prepare_model`` also patches the module's own ``forward`` with autocast. We
+        take that patch off again and autocast the training step with ``accelerator.autocast()``
+        instead (the same context, the same numerics): a patched forward would make every use of the
+        raw module mixed precision too — the evaluation (which is fp32 for both engines, so that
+        summary.json, ``evaluate`` and model.pt2 agree) and the ``torch.export`` of model.pt2.
+        """
         wrapped = self.accelerator.prepare_model(model)
         if self.accelerator.unwrap_model(wrapped) is not model:
             raise RuntimeError("accelerate replaced the model instead of wrapping it")
+        if "_original_forward" in model.__dict__:
+            model.__dict__.pop("forward", None)  # back to the class's own forward
+            del model._original_forward
         return wrapped
 
     def unwrap(self, wrapped: torch.nn.Module) -> torch.nn.Module:
         return self.accelerator.unwrap_model(wrapped)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        # wrap() already patched the module's forward with autocast: nothing to add here
-        return contextlib.nullcontext()
+        return self.accelerator.autocast()  # a no-op without mixed precision
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)  # accelerator.scaler.scale(loss) for fp16

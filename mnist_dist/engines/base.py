@@ -46,7 +46,8 @@ def resolve_precision(mode: str, device: torch.device) -> Precision:
     """auto: bf16 on CUDA devices that support it, else fp16 + GradScaler; off on the CPU."""
     if mode == "auto":
         if device.type == "cuda":
-            mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            # native bf16 only (Ampere and newer): V100/T4 "support" it by emulation, slower than fp16
+            mode = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
         else:
             mode = "off"
     if mode == "fp16" and device.type != "cuda":
@@ -74,6 +75,8 @@ class Engine:
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, precision: Precision) -> None:
         self.cfg, self.env, self.precision = cfg, env, precision
+        # fp16: optimizer steps the GradScaler skipped (inf/NaN gradients), counted on the device
+        self.skipped_steps = torch.zeros(1, dtype=torch.int64, device=env.device)
 
     @classmethod
     def setup(cls, cfg: TrainConfig) -> "Engine":
@@ -96,13 +99,24 @@ class Engine:
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, parameters: Iterable[torch.Tensor],
                        grad_clip: float) -> None:
-        """Unscale (fp16), clip the true gradients (never the scaled ones), step, update the scale."""
+        """Unscale (fp16), clip the true gradients (never the scaled ones), step, update the scale.
+
+        With fp16 the scaler skips steps whose gradients hold inf/NaN. A fused optimizer (CUDA) gets
+        the inf flag as a tensor and skips inside its kernel, so no host read; the skip is counted in
+        ``skipped_steps`` on the device (the scale drops exactly on a skipped step), for the loop to
+        take those steps back from the LR schedule.
+        """
         scaler = self.precision.scaler
         if grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+        if not scaler.is_enabled():
+            scaler.step(optimizer)  # a plain optimizer.step()
+            return
+        before = scaler._get_scale_async().clone()  # device tensors only: no host sync
         scaler.step(optimizer)
         scaler.update()
+        self.skipped_steps += (scaler._get_scale_async() < before).to(torch.int64)
 
     def no_sync(self, wrapped: nn.Module) -> contextlib.AbstractContextManager:
         """Backward passes inside skip the gradient all_reduce (all but the last micro-batch)."""

@@ -22,7 +22,9 @@ class DDPEngine(Engine):
         if not self.env.distributed:
             return model
         device = self.env.device
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # gradient_as_bucket_view: gradients ARE views into DDP's all_reduce buckets (no copy, less memory)
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                   gradient_as_bucket_view=True)
 
 
 ENGINE = DDPEngine

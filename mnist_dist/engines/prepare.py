@@ -1,22 +1,51 @@
 """Preparing a plain model for the engine: BatchNorm handling, memory format, cuDNN, compilation.
 
-* ``prepare_model``: BatchNorm -> SyncBatchNorm under a process group on CUDA, channels_last,
-  cuDNN autotune. On the CPU (gloo) DDP refuses SyncBatchNorm ("SyncBatchNorm layers only work with
-  GPU modules", torch 2.14), so BatchNorm stays per rank and ``average_buffers`` makes the running
-  statistics identical on every rank before each evaluation (exact eval, identical saved weights).
+* ``prepare_model``: channels_last, cuDNN autotune, and — only with ``--sync-bn`` — BatchNorm ->
+  SyncBatchNorm under a process group on CUDA. SyncBatchNorm is not sync-free (mask indexing and a
+  blocking all_gather in every BN layer: host syncs every step; Dynamo graph-breaks on it), and on
+  the CPU DDP refuses it ("SyncBatchNorm layers only work with GPU modules", torch 2.14). So by
+  default BatchNorm stays per rank everywhere and ``average_buffers`` makes the running statistics
+  identical on every rank before each evaluation (exact eval, identical saved weights).
 * ``compile_model``: ``torch.compile`` of the training module (the DDP wrapper when there is one).
+* ``configure_torch``: process-wide settings before the model exists: ``--deterministic``, TF32 for
+  fp32 matmuls/convolutions on CUDA when AMP is off, Inductor's compile workers per rank.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
 
 from ..config import TrainConfig
-from ..dist import DistEnv, all_reduce_sum
+from ..dist import DistEnv, all_reduce_sum, usable_cpu_count
 from ..errors import UserError
 
-CUDA_GRAPH_MODES = ("reduce-overhead",)
+CUBLAS_DETERMINISTIC = ":4096:8"  # cuBLAS workspace setting that makes its kernels deterministic
+
+
+def configure_torch(cfg: TrainConfig, env: DistEnv, amp: str) -> None:
+    """Process-wide torch settings; call before the model is built and before the first cuBLAS call."""
+    if cfg.deterministic:
+        # cuBLAS reads this when its handle is created (the first matmul), so setting it here works
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
+        # warn_only: an op without a deterministic kernel warns (naming itself) instead of failing the run
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    if env.device.type == "cuda" and amp == "off":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls (Ampere+)
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.compile:
+        # Inductor starts one compile worker per core by default, in EVERY rank: N ranks x cores workers
+        threads = max(1, usable_cpu_count() // max(env.local_world_size, 1))
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(threads))
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = int(os.environ["TORCHINDUCTOR_COMPILE_THREADS"])
+
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # both capture CUDA graphs
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -34,7 +63,7 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Module
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if cfg.cudnn_benchmark and env.device.type == "cuda":
+    if cfg.cudnn_benchmark and env.device.type == "cuda" and not cfg.deterministic:
         torch.backends.cudnn.benchmark = True
     return model
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -16,13 +17,45 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+def build_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.optim.Optimizer:
+    """Adam / AdamW / SGD; on CUDA the fused implementation (one kernel for all parameters, and with
+    fp16 the GradScaler's inf flag is read on the device, not the host)."""
+    params = list(params)
+    kwargs = {"fused": True} if device.type == "cuda" else {}
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **kwargs)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **kwargs)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.betas[0], nesterov=True,
-                           weight_decay=cfg.weight_decay)
+                           weight_decay=cfg.weight_decay, **kwargs)
+
+
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``load_state_dict``, keeping THIS optimizer's implementation choices (fused, foreach, ...):
+    a checkpoint written on a GPU (fused) resumes on the CPU and the other way round."""
+    chosen = [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, keep in zip(optimizer.param_groups, chosen):
+        group.update(keep)
+
+
+def rewind_schedule(scheduler, steps: int) -> None:
+    """Take ``steps`` scheduler steps back (optimizer steps that fp16's GradScaler skipped), so the
+    schedule counts the optimizer steps really taken. Our schedules (OneCycle, cosine, constant) have
+    a closed form in ``last_epoch``."""
+    if steps <= 0:
+        return
+    scheduler.last_epoch -= steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # get_lr() outside step() warns
+        closed_form = getattr(scheduler, "_get_closed_form_lr", None)
+        lrs = closed_form() if closed_form is not None else scheduler.get_lr()
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):

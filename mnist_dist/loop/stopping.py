@@ -4,6 +4,10 @@ A signal may reach a single rank (``kill`` of one worker, a scheduler that signa
 ``agreed()`` takes the MAX of every rank's flag with one all_reduce, so all ranks stop at the same
 step and save the same checkpoint. A second Ctrl-C interrupts at once.
 
+On CUDA the mid-epoch checks cost no pipeline drain: the flag lives on the device (``fill_`` passes
+the signal number as a kernel argument, no host->device copy) and each check acts on the previous
+check's agreement (``LaggedRead``), so a stop lands one check later. Epoch ends read it at once.
+
 Only a run on its process's main thread installs handlers (Python allows no other). Ray Train runs
 the training function on a thread of its worker actor: there, signals are Ray's business (it
 restarts or stops the worker group) and the flag is simply never set.
@@ -18,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..dist import DistEnv
+from .lagged import LaggedRead
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -26,6 +31,8 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum = 0
         self._previous: dict[int, object] = {}
+        self._flag: torch.Tensor | None = None
+        self._lagged: LaggedRead | None = None
 
     def install(self) -> "StopRequest":
         if threading.current_thread() is not threading.main_thread():
@@ -44,13 +51,20 @@ class StopRequest:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
         self.signum = self.signum or signum
 
-    def agreed(self, env: DistEnv) -> int:
-        """The signal number any rank received (0 if none). A collective: call on every rank."""
+    def agreed(self, env: DistEnv, at_once: bool = True) -> int:
+        """The signal number any rank received (0 if none). A collective: call on every rank.
+        ``at_once=False``: on CUDA, the agreement of the previous such call (no host sync)."""
         if not env.distributed:
             return self.signum
-        flag = torch.tensor([self.signum], dtype=torch.int64, device=env.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+        if self._flag is None:
+            self._flag = torch.zeros(1, dtype=torch.int64, device=env.device)
+            self._lagged = LaggedRead(env.device)
+        self._flag.fill_(self.signum)
+        dist.all_reduce(self._flag, op=dist.ReduceOp.MAX)
+        if at_once:
+            return int(self._flag.item())
+        previous = self._lagged.exchange(self._flag)
+        return previous[0] if previous else 0
 
 
 def signal_name(signum: int) -> str:

@@ -56,4 +56,5 @@ def warm_up(trainer: Any, steps: int) -> float:
     if saved["cuda_rng"] is not None:
         torch.cuda.set_rng_state(saved["cuda_rng"], device)
     trainer.progress.global_step = saved["global_step"]
+    trainer.engine.skipped_steps.zero_()  # the warm-up's skipped fp16 steps are not the run's
     return seconds
