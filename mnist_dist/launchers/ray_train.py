@@ -193,15 +193,10 @@ def ray_command(argv: Sequence[str]) -> int:
         result = fit_or_explain(trainer, args)
     finally:
         ray.shutdown()
-    checkpoint = result.checkpoint.path if result.checkpoint else None
-    print(f"ray: done: Ray's record of the run in {result.path}, last checkpoint {checkpoint}; "
-          f"{format_metrics(result.metrics)}", flush=True)
+    metrics = {k: (result.metrics or {}).get(k) for k in ("epoch", "global_step", "test_accuracy")}
+    print(f"ray: done: Ray's record of the run in {result.path}, last checkpoint "
+          f"{result.checkpoint.path if result.checkpoint else None}, metrics {metrics}", flush=True)
     return 0
-
-
-def format_metrics(metrics: dict[str, Any] | None) -> str:
-    keys = ("epoch", "global_step", "test_accuracy", "test_correct", "test_total")
-    return ", ".join(f"{k} {metrics[k]}" for k in keys if metrics and k in metrics) or "no metrics"
 
 
 def fit_or_explain(trainer: Any, args: argparse.Namespace) -> Any:
@@ -222,7 +217,8 @@ def fit_or_explain(trainer: Any, args: argparse.Namespace) -> Any:
             detail = f"rank {rank}: {type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
         else:
             detail = " ".join(str(exc).split())
-        raise RayRunFailed(f"the Ray Train run failed (--max-failures {args.max_failures}): {detail[:300]}") from None
+        failed = f"the Ray Train run failed (--max-failures {args.max_failures})"
+        raise RayRunFailed(f"{failed}: {detail[:300]}") from None
 
 
 class RayRunFailed(Exception):
