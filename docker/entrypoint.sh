@@ -2,6 +2,9 @@
 # Container entrypoint for mnist-dist (Docker image and Apptainer runscript).
 #
 #   [train] [train_ddp.py flags...]   torchrun --standalone --nproc-per-node=<visible GPUs, or 1> train_ddp.py FLAGS
+#                                     unless a launcher started the container (see launcher_mode):
+#                                     WORLD_SIZE+RANK set -> python train_ddp.py FLAGS (already a rank)
+#                                     PET_* set           -> torchrun train_ddp.py FLAGS (torchrun reads PET_*)
 #   evaluate FLAGS | download FLAGS   python -m mnist_dist evaluate|download FLAGS (one process)
 #   COMMAND [ARGS...]                 anything else runs as given (bash, python, torchrun for multi-node, ...)
 #
@@ -45,6 +48,22 @@ nproc_per_node() {
   echo "$n"
 }
 
+# Who started this container? A launcher that made this process one rank already (WORLD_SIZE and
+# RANK set, one process per pod: a Kubeflow PyTorchJob replica) -> "rank": run train_ddp.py itself.
+# A launcher that set torchrun's own settings (PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR, ...:
+# Kubeflow Trainer's TrainJob, an elastic PyTorchJob, or a PyTorchJob with nprocPerNode > 1) but
+# started no ranks -> "torchrun": torchrun with none of our flags, so the PET_* values rule (our
+# --standalone would make every node a world of its own). Neither -> "standalone" (this script's).
+launcher_mode() {
+  if [[ -n "${WORLD_SIZE:-}" && -n "${RANK:-}" && "${PET_NPROC_PER_NODE:-1}" == 1 ]]; then
+    echo rank
+  elif [[ -n "$(compgen -e PET_)" ]]; then
+    echo torchrun
+  else
+    echo standalone
+  fi
+}
+
 run() {
   if [[ "${ENTRYPOINT_DRY_RUN:-0}" == 1 ]]; then
     printf '%q ' "$@"
@@ -58,8 +77,14 @@ command=${1:-train}
 case "$command" in
 train | -*)
   [[ "$command" == train && $# -gt 0 ]] && shift
-  nproc=$(nproc_per_node)
-  run "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node="$nproc" "$TRAIN_SCRIPT" "$@"
+  case "$(launcher_mode)" in
+  rank) run "$PYTHON" "$TRAIN_SCRIPT" "$@" ;;
+  torchrun) run "$PYTHON" -m torch.distributed.run "$TRAIN_SCRIPT" "$@" ;;
+  *)
+    nproc=$(nproc_per_node)
+    run "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node="$nproc" "$TRAIN_SCRIPT" "$@"
+    ;;
+  esac
   ;;
 evaluate | download)
   shift

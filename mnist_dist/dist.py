@@ -1,10 +1,13 @@
 """Distributed setup in one audited place: who am I, which device, which backend; the few collectives
 the job uses (sums, gathers, broadcasts of small objects).
 
-Works in three situations:
+Works in four situations:
   * ``python train_ddp.py``: no launcher variables, no process group, world size 1;
   * ``torchrun`` (any number of nodes): RANK / LOCAL_RANK / WORLD_SIZE / LOCAL_WORLD_SIZE are set;
-  * anything else that sets the same variables (``accelerate launch``, ``srun`` + torchrun).
+  * anything else that sets the same variables (``accelerate launch``, ``srun`` + torchrun, a
+    Kubeflow PyTorchJob pod);
+  * a launcher that created the process group itself (Ray Train): ``adopt`` builds the DistEnv
+    from what that launcher says, and joins nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class DistEnv:
     local_world_size: int  # processes on this node
     device: torch.device  # cuda:LOCAL_RANK or cpu
     backend: str | None  # nccl / gloo when a process group exists, None for a plain run
+    launcher: str = "python"  # who started the ranks: python, torchrun, env (RANK/... set by another), ray
 
     @property
     def is_main(self) -> bool:
@@ -81,6 +85,14 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
+def launcher_name() -> str:
+    """summary.json's ``launcher``: torchrun (its agent sets TORCHELASTIC_RUN_ID), env (RANK,
+    WORLD_SIZE and MASTER_ADDR set by something else, e.g. a Kubeflow PyTorchJob), or python."""
+    if not launched_by_torchrun():
+        return "python"
+    return "torchrun" if os.environ.get("TORCHELASTIC_RUN_ID") else "env"
+
+
 def usable_cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -131,7 +143,26 @@ def setup(backend: str = "auto", device: str = "auto", timeout_s: float = 300.0,
             join_process_group(chosen_backend, dev, rank, world_size, timeout_s)
     elif world_size > 1:
         raise UserError("WORLD_SIZE > 1 but MASTER_ADDR is not set; launch with torchrun")
-    return DistEnv(rank, local_rank, world_size, local_world_size, dev, chosen_backend)
+    return DistEnv(rank, local_rank, world_size, local_world_size, dev, chosen_backend, launcher_name())
+
+
+def adopt(rank: int, local_rank: int, world_size: int, local_world_size: int, device: torch.device,
+          launcher: str, threads: int = 0) -> DistEnv:
+    """The DistEnv of a process whose launcher created the process group itself (Ray Train: its
+    ``TorchConfig`` backend joins every worker before the training function runs). Nothing is
+    joined here, and the group is the launcher's to destroy; what the launcher says about this
+    process must agree with the group it made."""
+    if world_size > 1 or dist.is_initialized():
+        if not dist.is_initialized():
+            raise RuntimeError(f"{launcher} reports world size {world_size} but made no process group")
+        if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+            raise RuntimeError(f"{launcher} reports rank {rank} of {world_size}, its process group "
+                               f"says {dist.get_rank()} of {dist.get_world_size()}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.set_num_threads(threads or max(1, usable_cpu_count() // max(local_world_size, 1)))
+    backend = dist.get_backend() if dist.is_initialized() else None
+    return DistEnv(rank, local_rank, world_size, local_world_size, device, backend, launcher)
 
 
 def join_process_group(backend: str, device: torch.device, rank: int, world_size: int,

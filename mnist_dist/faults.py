@@ -7,9 +7,10 @@ exception, like a bug) or ``delay`` (sleep T seconds, like slow storage or a slo
 ``step`` (right after optimizer step S), ``checkpoint-rename`` (after the checkpoint of step S is
 written under its temporary name, before the rename) or ``epilogue`` (rank 0's final writes, after
 the ranks' last barrier). Without ``step=`` the fault fires at any step.
-The fault fires only on global rank R and only while $TORCHELASTIC_RESTART_COUNT equals A (default
+The fault fires only on global rank R and only while the worker group's attempt equals A (default
 0), so a restarted worker group runs clean — the pattern TorchElastic's own tests use; ``attempt=*``
-fires in every attempt.
+fires in every attempt. The attempt is $TORCHELASTIC_RESTART_COUNT under torchrun, and
+$MNIST_DIST_ATTEMPT (the count of earlier worker-group starts, set by the Ray launcher) under Ray.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ import signal
 import time
 
 ENV = "MNIST_DIST_FAULT"
+ATTEMPT_ENV = "MNIST_DIST_ATTEMPT"
+
+
+def current_attempt() -> int:
+    """0 for the first start of the worker group, 1 after one restart, ..."""
+    return int(os.environ.get(ATTEMPT_ENV) or os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
 
 
 @functools.lru_cache(maxsize=1)  # read once: maybe_fail runs after every optimizer step
@@ -44,7 +51,7 @@ def maybe_fail(point: str, step: int) -> None:
     if "step" in spec and int(spec["step"]) != step:
         return
     attempt = spec.get("attempt", "0")
-    if attempt != "*" and int(attempt) != int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)):
+    if attempt != "*" and int(attempt) != current_attempt():
         return
     if spec["action"] == "delay":
         time.sleep(float(spec.get("seconds", 0)))

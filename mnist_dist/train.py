@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 import sys
 from importlib import metadata
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -89,6 +89,7 @@ def run_metadata(trainer: Trainer) -> dict[str, Any]:
     return {
         "config": cfg.to_json(),
         "world_size": env.world_size,
+        "launcher": env.launcher,
         "per_rank_batch": cfg.batch_size // env.world_size,
         "grad_accum_steps": trainer.grad_accum,
         "micro_batch": cfg.batch_size // env.world_size // trainer.grad_accum,
@@ -106,12 +107,15 @@ def run_metadata(trainer: Trainer) -> dict[str, Any]:
     }
 
 
-def fit(cfg: TrainConfig, engine: Engine) -> dict[str, Any]:
+def fit(cfg: TrainConfig, engine: Engine,
+        on_checkpoint: Callable[[str | None, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """``on_checkpoint``: see ``Trainer.on_checkpoint`` (a launcher that keeps checkpoints itself)."""
     env = engine.env
     cfg.out_dir = broadcast_object(cfg.out_dir, env)  # ranks may have made different default names
     run = RunDir(cfg.out_dir, enabled=env.is_main)
     run.create()
     trainer = build_trainer(cfg, engine)
+    trainer.on_checkpoint = on_checkpoint
     resume_from = resume(trainer, run)
     p = trainer.progress
     p.joined_at(env.world_size)
@@ -194,7 +198,7 @@ def train_epochs(trainer: Trainer, run: RunDir, show_progress: bool) -> EvalResu
                  f"({test.correct}/{test.total})  {record['images_per_second']:,.0f} img/s  "
                  f"{seconds:.1f}s")
         trainer.end_epoch(seconds)
-        trainer.save_checkpoint()
+        trainer.save_checkpoint(record)
     return test if test is not None else trainer.evaluate()  # resumed after the last epoch
 
 
@@ -207,6 +211,7 @@ def build_summary(trainer: Trainer, test: EvalResult, warmup_seconds: float) -> 
         "test_total": test.total,
         "test_loss": test.loss,
         "world_size": trainer.env.world_size,
+        "launcher": trainer.env.launcher,
         "world_sizes": p.world_sizes,  # every world size the run went through (elastic restarts)
         "grad_accum_steps": trainer.grad_accum,
         "train_seconds": p.train_seconds,

@@ -41,7 +41,7 @@ def check_run_dir(out: Path, world_size: int, epochs: int = 1) -> dict:
 
 def test_single_process_run_learns(trained_run):
     summary = check_run_dir(trained_run, world_size=1)
-    assert summary["test_accuracy"] >= 0.95
+    assert summary["test_accuracy"] >= 0.95 and summary["launcher"] == "python"
     config = read_json(trained_run / "config.json")
     assert config["backend"] is None and config["config"]["model"] == "fast"
 
@@ -51,7 +51,7 @@ def test_torchrun_two_ranks(mnist_root, tmp_path):
     proc = ok(torchrun(2, str(TRAIN_SCRIPT), "--data-dir", str(mnist_root), "--out-dir", str(out),
                        "--max-steps", "120", *QUIET))
     summary = check_run_dir(out, world_size=2)
-    assert summary["test_accuracy"] >= 0.95
+    assert summary["test_accuracy"] >= 0.95 and summary["launcher"] == "torchrun"
     assert read_json(out / "config.json")["backend"] == "gloo"
     assert read_json(out / "config.json")["per_rank_batch"] == 128
     assert proc.stdout.count("epoch 1/1") == 1, "only rank 0 logs"

@@ -36,8 +36,8 @@ from typing import Any
 import torch
 
 from ..config import TrainConfig
-from ..dist import (DistEnv, join_process_group, launched_by_torchrun, launcher_world, pick_backend,
-                    pick_device, usable_cpu_count)
+from ..dist import (DistEnv, join_process_group, launched_by_torchrun, launcher_name, launcher_world,
+                    pick_backend, pick_device, usable_cpu_count)
 from ..errors import UserError
 from .base import Engine, Precision, resolve_precision
 
@@ -138,6 +138,7 @@ def setup(cfg: TrainConfig) -> AccelerateEnv:
         local_world_size=local_world_size,
         device=device,
         backend=str(accelerator.state.backend) if distributed else None,
+        launcher=launcher_name(),
         accelerator=accelerator,
     )
 

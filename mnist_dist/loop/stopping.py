@@ -7,11 +7,16 @@ step and save the same checkpoint. A second Ctrl-C interrupts at once.
 On CUDA the mid-epoch checks cost no pipeline drain: the flag lives on the device (``fill_`` passes
 the signal number as a kernel argument, no host->device copy) and each check acts on the previous
 check's agreement (``LaggedRead``), so a stop lands one check later. Epoch ends read it at once.
+
+Only a run on its process's main thread installs handlers (Python allows no other). Ray Train runs
+the training function on a thread of its worker actor: there, signals are Ray's business (it
+restarts or stops the worker group) and the flag is simply never set.
 """
 
 from __future__ import annotations
 
 import signal
+import threading
 
 import torch
 import torch.distributed as dist
@@ -30,6 +35,8 @@ class StopRequest:
         self._lagged: LaggedRead | None = None
 
     def install(self) -> "StopRequest":
+        if threading.current_thread() is not threading.main_thread():
+            return self
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self

@@ -11,7 +11,7 @@ import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,9 @@ class Trainer:
     epoch_started: float = 0.0  # perf_counter() when this process started the epoch in progress
     rewound: int = 0  # fp16 steps the GradScaler skipped that were taken back from the LR schedule
     skip_reader: LaggedRead | None = None
+    # called on every rank after each checkpoint with (its path on rank 0, else None; metrics):
+    # the Ray launcher reports our checkpoint files to Ray Train through it (launchers/ray_train.py)
+    on_checkpoint: Callable[[str | None, dict[str, Any]], None] | None = None
 
     def __post_init__(self) -> None:
         if self.precision.scaler.is_enabled():
@@ -176,10 +179,16 @@ class Trainer:
         self.rewound = max(self.rewound, total)
 
     # ------------------------------------------------------------------ checkpoints and stopping
-    def save_checkpoint(self) -> str | None:
-        """Collective: every rank contributes its RNG state; rank 0 writes; all wait for the file."""
+    def save_checkpoint(self, metrics: dict[str, Any] | None = None) -> str | None:
+        """Collective: every rank contributes its RNG state; rank 0 writes; all wait for the file.
+        ``metrics`` (the epoch's record at an epoch end) go to ``on_checkpoint`` with the path."""
         self.reconcile_schedule()  # the saved schedule counts exactly the optimizer steps taken
-        return checkpoint_state.save(self)
+        path = checkpoint_state.save(self)
+        if self.on_checkpoint is not None:
+            p = self.progress
+            self.on_checkpoint(path, metrics if metrics is not None else {
+                "epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "global_step": p.global_step})
+        return path
 
     def restore(self, state: dict[str, Any], source: str) -> str:
         return checkpoint_state.restore(self, state, source)
