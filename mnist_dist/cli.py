@@ -47,7 +47,7 @@ def build_train_parser(prog: str = "mnist-dist train") -> argparse.ArgumentParse
             continue
         kwargs: dict[str, Any] = dict(dest=f.name, default=None, help=help_text)
         if f.name == "recipe":
-            kwargs.update(default="fast", help=f"{help_text}; one of: {', '.join(sorted(RECIPES))}")
+            kwargs["help"] = f"{help_text}; one of: {', '.join(sorted(RECIPES))} (default: fast)"
         elif f.name == "model":
             kwargs["help"] = f"{help_text}; one of: {', '.join(sorted(MODELS))} (default: from the recipe)"
         elif f.name == "batch_size":
@@ -65,6 +65,10 @@ def build_train_parser(prog: str = "mnist-dist train") -> argparse.ArgumentParse
         else:
             kwargs["type"] = {"int": int, "float": float, "str": str}.get(str(f.type), str)
         parser.add_argument(_flag(f.name), **kwargs)
+    parser.add_argument(
+        "--config", metavar="FILE", default=None,
+        help="training flags from a TOML, YAML or JSON file (keys = flag names; a run's config.json "
+             "works too); flags given explicitly win")
     return parser
 
 
@@ -75,9 +79,19 @@ def parse_train_args(argv: Sequence[str] | None, world_size: int | None = None) 
     from .outputs.rundir import default_run_dir
 
     args = build_train_parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k != "recipe"}
-    cfg = resolve_config(args.recipe, overrides)
-    cfg.data_dir = resolve_data_dir(args.data_dir)
+    explicit = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
+    from_file: dict[str, Any] = {}
+    if args.config:
+        from .config_file import load_config_file
+
+        from_file, run_info = load_config_file(args.config)
+        world = world_size if world_size is not None else launcher_world()[2]
+        if run_info.get("world_size") not in (None, world) and int(os.environ.get("RANK", "0")) == 0:
+            print(f"note: {args.config} was written by a run at world size {run_info['world_size']}; "
+                  f"this run has world size {world}, so its results may differ", file=sys.stderr, flush=True)
+    values = {**from_file, **explicit}  # explicit flags win over the file
+    cfg = resolve_config(values.pop("recipe", "fast"), values)
+    cfg.data_dir = resolve_data_dir(values.get("data_dir"))
     if cfg.resume == "auto" and not cfg.out_dir:
         raise UserError("--resume auto needs --out-dir: the run directory whose checkpoints to resume")
     cfg.out_dir = cfg.out_dir or default_run_dir()

@@ -122,6 +122,7 @@ def fit(cfg: TrainConfig, engine: Engine) -> dict[str, Any]:
     show_progress = env.is_main and cfg.progress and sys.stderr.isatty()
     warmup_seconds = warm_up(trainer, cfg.warmup_steps)  # untimed; state restored after
 
+    trainer.on_evaluation = run.append_evaluation
     trainer.stop.install()
     try:
         test = train_epochs(trainer, run, show_progress)
@@ -150,6 +151,7 @@ def resume(trainer: Trainer, run: RunDir) -> str | None:
         # to the CPU first; load_state_dict places every tensor (never map_location=<cuda>: see restore)
         note = trainer.restore(checkpoint_files.load(resume_from, map_location="cpu"), resume_from)
         run.truncate_metrics(after_epoch=p.epoch)
+        run.truncate_evaluations(after_step=p.global_step)
         log(env, f"resumed from {resume_from} at epoch {p.epoch + 1} step {p.step_in_epoch} "
                  f"(global step {p.global_step}){'; ' + note if note else ''}")
     elif cfg.resume == "auto":
@@ -166,6 +168,7 @@ def train_epochs(trainer: Trainer, run: RunDir, show_progress: bool) -> EvalResu
         loss, accuracy, images, seconds = trainer.train_epoch(show_progress)
         test = trainer.evaluate()
         p.clock.epoch_evaluated(test.accuracy, p.train_seconds + seconds, p.global_step)
+        trainer.record_evaluation(test, p.train_seconds + seconds, "epoch")
         record = {
             "epoch": epoch + 1,
             "train_loss": loss,

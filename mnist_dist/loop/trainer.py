@@ -62,6 +62,7 @@ class Trainer:
     epoch_started: float = 0.0  # perf_counter() when this process started the epoch in progress
     rewound: int = 0  # fp16 steps the GradScaler skipped that were taken back from the LR schedule
     skip_reader: LaggedRead | None = None
+    on_evaluation: Any = None  # called with each evaluation's record (fit: the run's evaluations.jsonl)
 
     def __post_init__(self) -> None:
         if self.precision.scaler.is_enabled():
@@ -104,8 +105,9 @@ class Trainer:
         loss = self.train_step(x, y, p.sums)
         p.step_in_epoch = step + 1
         if p.clock.due(p.global_step):  # evaluates with the clock paused
-            p.clock.check(self.evaluate, self.env.device, p.train_seconds + p.epoch_seconds, self.epoch_started,
-                          p.global_step)
+            result, seconds_now = p.clock.check(self.evaluate, self.env.device, p.train_seconds + p.epoch_seconds,
+                                                self.epoch_started, p.global_step)
+            self.record_evaluation(result, seconds_now, "step")
         self.tracker.log_step(p.global_step, loss, self.optimizer)  # syncs only when wandb is on
         faults.maybe_fail("step", p.global_step)
         if cfg.checkpoint_every and p.global_step % cfg.checkpoint_every == 0:
@@ -144,6 +146,14 @@ class Trainer:
     def end_epoch(self, seconds: float) -> None:
         self.progress.end_epoch(seconds)
         self.epoch_started = 0.0
+
+    def record_evaluation(self, result: EvalResult, train_seconds: float, kind: str) -> None:
+        """One line of evaluations.jsonl: every exact evaluation, mid-epoch ("step") or at an epoch end
+        ("epoch"), by global step. A sweep's pruner reads it while the run trains."""
+        if self.on_evaluation is not None:
+            self.on_evaluation({"global_step": self.progress.global_step, "epoch": self.progress.epoch + 1,
+                                "kind": kind, "test_accuracy": result.accuracy, "test_loss": result.loss,
+                                "test_correct": result.correct, "train_seconds": train_seconds})
 
     def evaluate(self) -> EvalResult:
         """Exact, and in fp32 whatever ``--amp`` trains with (10,000 images are cheap), so that
