@@ -1,4 +1,4 @@
-"""Command line: ``mnist-dist [train] ...``, ``evaluate``, ``download``.
+"""Command line: ``mnist-dist [train] ...``, ``evaluate``, ``download``, ``sweep`` (mnist_dist/sweep/).
 
 The train flags are generated from ``TrainConfig`` (one flag per field, its help from the field).
 Every command runs inside ``guarded``: a UserError becomes one ``error: ...`` line and exit code 2.
@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 from .config import RECIPES, TrainConfig, resolve_config, validate_config
 from .errors import EXIT_STOPPED, EXIT_USER_ERROR, StopTraining, UserError
 
-SUBCOMMANDS = ("train", "evaluate", "download", "plot", "predict", "export")
+SUBCOMMANDS = ("train", "evaluate", "download", "plot", "predict", "export", "sweep")
 
 # fields whose flag differs from --field-name or that need special handling
 _NEGATIVE_FLAGS = {"download": "--no-download", "progress": "--no-progress"}
@@ -137,13 +137,13 @@ def download_command(argv: Sequence[str]) -> int:
     return 0
 
 
-def _tool(module: str, function: str) -> Callable[[Sequence[str]], int]:
-    """A subcommand of ``mnist_dist/tools/``, imported only when it runs."""
+def _tool(module: str, function: str, package: str = "tools") -> Callable[[Sequence[str]], int]:
+    """A subcommand of ``mnist_dist/tools/`` (or another subpackage), imported only when it runs."""
 
     def command(argv: Sequence[str]) -> int:
         import importlib
 
-        return getattr(importlib.import_module(f"{__package__}.tools.{module}"), function)(argv)
+        return getattr(importlib.import_module(f"{__package__}.{package}.{module}"), function)(argv)
 
     return command
 
@@ -155,6 +155,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "plot": _tool("predict", "plot_command"),
     "predict": _tool("predict", "predict_command"),
     "export": _tool("predict", "export_command"),
+    "sweep": _tool("driver", "sweep_command", package="sweep"),  # Optuna: the `sweep` extra
 }
 
 
