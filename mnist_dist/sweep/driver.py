@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-startup", type=int, default=5, help="completed trials before pruning starts")
     p.add_argument("--prune-warmup", type=int, default=0, help="optimizer steps of a trial before it can be pruned")
     p.add_argument("--no-prune", action="store_true", help="never prune")
-    p.add_argument("--enqueue", default=None, help="TOML file of [[trial]] tables: values to try first (e.g. the current "
-                                                  "recipe); they may lie outside the space")
+    p.add_argument("--enqueue", default=None, help="TOML file of [[trial]] tables: values a new study tries first (e.g. "
+                                                  "the current recipe); they may lie outside the space")
     p.add_argument("--sbatch-args", default="", help="extra sbatch options for --launcher slurm, e.g. '--partition=gpu'")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between looks at the running trials")
     p.add_argument("--stop-timeout", type=float, default=180.0, help="seconds the trials get to checkpoint after a stop signal")
@@ -187,8 +187,9 @@ def sweep_command(argv: Sequence[str]) -> int:
         raise UserError(f"another sweep is running on {sweep_dir} (it holds {sweep_dir / '.sweep.lock'})") from None
     try:
         study = open_study(optuna, args, params, fixed, sweep_dir, name)
-        for values in enqueued:
-            study.enqueue_trial(values, skip_if_exists=True)
+        if not study.get_trials(deepcopy=False):  # a new study: its first trials (kept in the storage)
+            for values in enqueued:
+                study.enqueue_trial(values)
         launcher: Any = (SlurmLauncher(sweep_dir, name, args.nproc, args.sbatch_args) if args.launcher == "slurm"
                          else LocalLauncher(args.nproc, args.launcher == "torchrun", threads, gpus_per_trial))
         return Sweep(optuna, study, launcher, args, params, fixed, sweep_dir).run()
