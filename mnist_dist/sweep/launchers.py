@@ -153,6 +153,12 @@ class SlurmLauncher:
             f'TRIAL_DIR=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(str(listing))})',
             'mapfile -t ARGS < "$TRIAL_DIR/args"',
             'echo "[sweep] array task $SLURM_ARRAY_JOB_ID"_"$SLURM_ARRAY_TASK_ID: trial dir $TRIAL_DIR"',
+            "# a rendezvous port free on this (the first) node: tasks of one array may share a host",
+            'if [[ -z "${RDZV_PORT:-}" ]]; then',
+            '  RDZV_PORT=$("${PYTHON:-python3}" -c \'import socket; s = socket.socket(); s.bind(("", 0)); '
+            'print(s.getsockname()[1])\')',
+            "  export RDZV_PORT",
+            "fi",
             f'exec bash {shlex.quote(str(self.script))} "${{ARGS[@]}}"',
             "",
         ]))
