@@ -155,7 +155,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "plot": _tool("predict", "plot_command"),
     "predict": _tool("predict", "predict_command"),
     "export": _tool("predict", "export_command"),
-    "sweep": _tool("driver", "sweep_command", package="sweep"),  # Optuna: the `sweep` extra
+    "sweep": _tool("command", "sweep_command", package="sweep"),  # Optuna: the `sweep` extra
 }
 
 
