@@ -3,7 +3,6 @@ one ``error:`` line, and a run's own config.json reproduces the run (real runs, 
 
 from __future__ import annotations
 
-
 from conftest import QUIET, TRAIN_SCRIPT, assert_one_line_error, ok, python, read_json, read_jsonl
 
 from mnist_dist.cli import parse_train_args
@@ -78,7 +77,8 @@ def test_run_config_json_reproduces_the_run(mnist_root, tmp_path):
     assert [m["test_correct"] for m in ma] == [m["test_correct"] for m in mb]
     # every exact evaluation is in evaluations.jsonl (mid-epoch every 20 steps, then the epoch end)
     evals = read_jsonl(b / "evaluations.jsonl")
-    assert [(e["global_step"], e["kind"]) for e in evals] == [(20, "step"), (40, "step"), (40, "epoch")]
+    assert [(e["global_step"], e["kind"], e["images_seen"]) for e in evals] == \
+        [(20, "step", 20 * 128), (40, "step", 40 * 128), (40, "epoch", 40 * 128)]
     assert evals[-1]["test_correct"] == sb["test_correct"]
     # an explicit flag still wins over the run's config.json
     c = parse_train_args(["--config", str(a / "config.json"), "--seed", "5", "--out-dir", str(tmp_path / "C")],

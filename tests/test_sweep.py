@@ -119,7 +119,7 @@ def test_local_sweep_prunes_stops_on_sigterm_and_resumes(mnist_root, tmp_path):
             proc.kill()
     out = first_log.read_text()
     assert rc == 3, out
-    assert "sweep stopped by signal" in out and "Traceback" not in out, out
+    assert "sweep stopped by SIGTERM" in out and "Traceback" not in out, out
     study = load_study(sweep_dir)
     st = states(study)
     assert st[0] == "COMPLETE" and st[1] == "RUNNING", (st, out)
@@ -145,7 +145,8 @@ def test_local_sweep_prunes_stops_on_sigterm_and_resumes(mnist_root, tmp_path):
     assert s1["global_step"] == 200 and trials[1].value == s1["test_accuracy"]
     # the twins 0 and 3 trained identically; trial 1 matched them up to step 40
     assert trials[0].value == trials[3].value
-    assert trials[1].intermediate_values[40] == trials[0].intermediate_values[40]
+    assert trials[1].intermediate_values[40 * 256] == trials[0].intermediate_values[40 * 256]
+    assert sorted(trials[0].intermediate_values) == [k * 10 * 256 for k in (1, 2, 3, 4)]  # images seen
 
     # outputs: trials.csv, best.toml (a --config reproducing the best trial's config), sweep.png
     rows = (sweep_dir / "trials.csv").read_text().splitlines()

@@ -152,6 +152,7 @@ class Trainer:
         ("epoch"), by global step. A sweep's pruner reads it while the run trains."""
         if self.on_evaluation is not None:
             self.on_evaluation({"global_step": self.progress.global_step, "epoch": self.progress.epoch + 1,
+                                "images_seen": self.progress.global_step * self.cfg.batch_size,
                                 "kind": kind, "test_accuracy": result.accuracy, "test_loss": result.loss,
                                 "test_correct": result.correct, "train_seconds": train_seconds})
 

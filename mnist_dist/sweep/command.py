@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study-name", default=None, help="default: the sweep directory's name")
     p.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler")
     p.add_argument("--prune-startup", type=int, default=5, help="completed trials before pruning starts")
-    p.add_argument("--prune-warmup", type=int, default=0, help="optimizer steps of a trial before it can be pruned")
+    p.add_argument("--prune-warmup", type=int, default=0,
+                   help="training images a trial sees before it can be pruned (the pruner's steps are images "
+                        "seen, global step x global batch, so trials of different batch sizes compare)")
     p.add_argument("--no-prune", action="store_true", help="never prune")
     p.add_argument("--enqueue", default=None, help="TOML file of [[trial]] tables: values a new study tries first (e.g. "
                                                   "the current recipe); they may lie outside the space")

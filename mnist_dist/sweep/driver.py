@@ -173,7 +173,8 @@ class Sweep:
         for line in complete.decode().splitlines():
             try:
                 record = json.loads(line)
-                step, value = int(record["global_step"]), float(record[self.args.metric])
+                # the pruner's step: training images seen, comparable across batch sizes
+                step, value = int(record["images_seen"]), float(record[self.args.metric])
             except (ValueError, KeyError, TypeError):
                 continue
             if step in reported:
@@ -181,7 +182,8 @@ class Sweep:
             trial.report(value, step)
             reported.add(step)
             if not self.args.no_prune and trial.should_prune():
-                print(f"trial {run.number}: pruned at step {step} ({self.args.metric} {value:.4f})", flush=True)
+                print(f"trial {run.number}: pruned after {step} training images ({self.args.metric} {value:.4f})",
+                      flush=True)
                 self.pruning.add(run.number)
                 self.launcher.kill(run)
                 return
@@ -238,7 +240,7 @@ class Sweep:
         self.running = []
         self.write_reports(final=True)
         if not quiet:
-            print(f"sweep stopped by signal {self.signum}: {self.done()} finished trials kept in {self.dir}; the "
+            print(f"sweep stopped by {signal.Signals(self.signum).name}: {self.done()} finished trials kept in {self.dir}; the "
                   f"interrupted trials checkpointed{f' ({interrupted} had to be killed)' if interrupted else ''}; "
                   f"run the same command again to continue", flush=True)
         return EXIT_STOPPED

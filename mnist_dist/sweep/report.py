@@ -116,6 +116,8 @@ def draw_sweep_png(study: Any, sweep_dir: Path) -> Path | None:
         from optuna.visualization import matplotlib as ovm
     except ImportError:
         return None
+    if not any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
+        return None  # nothing to draw yet
     panels = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # optuna's "experimental" warnings
