@@ -222,3 +222,16 @@ def test_slurm_launcher_runs_a_two_task_array(mnist_root, tmp_path):
             assert "training step finished with exit code 0" in log
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_trial_with_bad_input_stops_the_sweep_with_its_error_line(tmp_path):
+    """Every trial would fail the same way: the first one's error line ends the sweep (exit 2)."""
+    space = tmp_path / "space.toml"
+    space.write_text("[lr]\nchoices = [0.01, 0.02]\n")
+    sweep_dir = tmp_path / "s"
+    proc = python(*SWEEP, "--space", str(space), "--trials", "3", "--sweep-dir", str(sweep_dir),
+                  "--data-dir", str(tmp_path / "no-data"), "--no-download", *QUIET, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    line = assert_one_line_error(proc, "trial 0 failed: error:", "no-data")
+    assert str(sweep_dir / "trial-0000" / "train.log") in line
+    assert states(load_study(sweep_dir)) == {0: "FAIL"}

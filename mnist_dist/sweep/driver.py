@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import time
 from pathlib import Path
@@ -22,6 +23,8 @@ from .launchers import TrialRun
 from .space import Param, flag_args
 
 PRUNABLE = ("test_accuracy", "test_loss")  # what evaluations.jsonl reports while a trial trains
+# our one-line errors (UserError, train.sbatch's die), also behind srun's "N: " label and "[rank N] "
+USER_ERROR = re.compile(r"^(\d+: )?(\[rank \d+\] )?error: ")
 
 
 class Sweep:
@@ -205,7 +208,7 @@ class Sweep:
             self.study.tell(trial, state=states.FAIL)
             self.save_trial_info(run, "failed")
             print(f"trial {run.number} failed: {reason}", flush=True)
-            if "error:" in reason:  # bad input: every trial would fail the same way
+            if USER_ERROR.search(reason):  # bad input: every trial would fail the same way
                 self.stop_all(quiet=True)
                 raise UserError(f"trial {run.number} failed: {reason}")
         self.write_reports()
@@ -214,7 +217,7 @@ class Sweep:
         if summary is not None:
             return f"{self.args.metric} is {summary.get(self.args.metric)!r} in {run.run_dir / 'summary.json'}"
         lines = run.log.read_text(errors="replace").splitlines() if run.log and run.log.is_file() else []
-        errors = [line.strip() for line in lines if "error:" in line]
+        errors = [line.strip() for line in lines if USER_ERROR.match(line)]
         code = self.launcher.returncode(run)
         where = f"(log: {run.log})"
         if errors:
