@@ -83,6 +83,7 @@ def test_bad_sweep_input_is_one_error_line(tmp_path):
     assert not list((tmp_path / "s").glob("trial-*"))
 
 
+@pytest.mark.slow
 def test_local_sweep_prunes_stops_on_sigterm_and_resumes(mnist_root, tmp_path):
     """4 trials, 2 at a time. Trials 0 and 3 are short twins (40 steps), trial 1 the same learning rate
     for 200 steps (so its accuracies equal the completed twin's and it is never pruned), trial 2 a
@@ -183,6 +184,7 @@ def test_torchrun_launcher_and_wandb_group(mnist_root, tmp_path):
 
 
 # ---------------------------------------------------------------- SLURM: a 2-task array
+@pytest.mark.slow
 def test_slurm_launcher_runs_a_two_task_array(mnist_root, tmp_path):
     from slurm_cluster import SlurmCluster, missing_binaries
 

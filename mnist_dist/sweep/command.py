@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local: python subprocesses; torchrun: K ranks per trial; slurm: sbatch --array over slurm/train.sbatch")
     p.add_argument("--nproc", type=int, default=None, help="ranks per trial (torchrun: per trial; slurm: per node); default 1")
     p.add_argument("--metric", default="test_accuracy", choices=METRICS, help="summary.json value to optimise")
-    p.add_argument("--direction", choices=("maximize", "minimize"), default="maximize")
+    p.add_argument("--direction", choices=("maximize", "minimize"), default=None,
+                   help="default: maximize for test_accuracy and test_correct, else minimize")
     p.add_argument("--study-name", default=None, help="default: the sweep directory's name")
     p.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler")
     p.add_argument("--prune-startup", type=int, default=5, help="completed trials before pruning starts")
@@ -163,6 +164,9 @@ def sweep_command(argv: Sequence[str]) -> int:
     args.nproc = args.nproc or 1
     if args.poll <= 0 or args.stop_timeout <= 0:
         raise UserError("--poll and --stop-timeout must be positive")
+    if args.prune_startup < 0 or args.prune_warmup < 0:
+        raise UserError("--prune-startup and --prune-warmup must be >= 0")
+    args.direction = args.direction or ("maximize" if args.metric in ("test_accuracy", "test_correct") else "minimize")
     params = load_space(args.space)
     fixed = absolute_paths(fixed)
     cfg = check_train_flags(fixed, params, world=args.nproc)
@@ -172,6 +176,7 @@ def sweep_command(argv: Sequence[str]) -> int:
     sweep_dir = Path(args.sweep_dir).resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     name = args.study_name or sweep_dir.name
+    given = list(fixed)  # what the study is started with (the additions below depend on --parallel)
     if cfg.wandb and not cfg.wandb_group:
         fixed += ["--wandb-group", f"sweep-{name}"]  # all trials in one wandb group
     if threads:
@@ -185,7 +190,7 @@ def sweep_command(argv: Sequence[str]) -> int:
     except Timeout:
         raise UserError(f"another sweep is running on {sweep_dir} (it holds {sweep_dir / '.sweep.lock'})") from None
     try:
-        study = open_study(optuna, args, params, fixed, sweep_dir, name)
+        study = open_study(optuna, args, params, given, sweep_dir, name)
         if not study.get_trials(deepcopy=False):  # a new study: its first trials (kept in the storage)
             for values in enqueued:
                 study.enqueue_trial(values)
