@@ -5,7 +5,8 @@
   mid-epoch accuracies; SIGTERM to the sweep makes the running trials checkpoint and keeps the finished
   ones; the same command again resumes the interrupted trials and completes the study;
 - the torchrun launcher (2 ranks per trial, all trials in one wandb group);
-- the SLURM launcher: a 2-task array over slurm/train.sbatch on the local test cluster.
+- the SLURM launcher: a 2-task array over slurm/train.sbatch on the local test cluster, stopped by
+  SIGTERM and resumed.
 """
 
 from __future__ import annotations
@@ -185,7 +186,10 @@ def test_torchrun_launcher_and_wandb_group(mnist_root, tmp_path):
 
 # ---------------------------------------------------------------- SLURM: a 2-task array
 @pytest.mark.slow
-def test_slurm_launcher_runs_a_two_task_array(mnist_root, tmp_path):
+def test_slurm_launcher_runs_a_two_task_array_stops_and_resumes(mnist_root, tmp_path):
+    """2 trials, 2 in parallel: one array job of two tasks over slurm/train.sbatch on the local
+    cluster's two nodes. SIGTERM to the sweep once both train: the tasks get SIGTERM (scancel), both
+    checkpoint; the same command again submits them again, they resume and complete."""
     from slurm_cluster import SlurmCluster, missing_binaries
 
     if missing_binaries():
@@ -198,30 +202,61 @@ def test_slurm_launcher_runs_a_two_task_array(mnist_root, tmp_path):
     enqueue.write_text("[[trial]]\nlr = 0.01\n\n[[trial]]\nlr = 0.02\n")
     root = Path(tempfile.mkdtemp(prefix="mnist-dist-sweep-slurm-"))  # not pytest's 0700 tmp: munged reads it
     sweep_dir = tmp_path / "sw"
+    cmd = [sys.executable, *SWEEP, "--space", str(space), "--enqueue", str(enqueue), "--trials", "2",
+           "--parallel", "2", "--launcher", "slurm", "--sweep-dir", str(sweep_dir), "--no-prune", "--poll", "1",
+           "--data-dir", str(mnist_root), "--max-steps", "150", "--eval-every", "10", *QUIET]
+
+    def task_logs() -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted((sweep_dir / "slurm").glob("*.out")))
+
     try:
         with SlurmCluster(root, nodes=2, cpus=2) as cluster:
             env = cluster.env(child_env(PYTHON=sys.executable, PYTHONPATH=str(REPO)))
-            proc = subprocess.run(
-                [sys.executable, *SWEEP, "--space", str(space), "--enqueue", str(enqueue), "--trials", "2",
-                 "--parallel", "2", "--launcher", "slurm", "--sweep-dir", str(sweep_dir), "--no-prune",
-                 "--poll", "1", "--data-dir", str(mnist_root), "--max-steps", "30", *QUIET],
-                capture_output=True, text=True, env=env, cwd=REPO, timeout=500, stdin=subprocess.DEVNULL)
-            logs = "\n".join(p.read_text(errors="replace") for p in (sweep_dir / "slurm").glob("*.out"))
-            assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n--- task logs\n{logs}\n{cluster.logs()}"
+            first_log = tmp_path / "first.log"
+            with open(first_log, "w") as log:
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                        stdin=subprocess.DEVNULL)
+            try:
+                deadline = time.monotonic() + 400
+                evals = [sweep_dir / f"trial-000{i}" / "evaluations.jsonl" for i in (0, 1)]
+                while not all(e.is_file() and read_jsonl(e) for e in evals):  # both tasks are training
+                    assert proc.poll() is None, f"{first_log.read_text()}\n{task_logs()}\n{cluster.logs()}"
+                    assert time.monotonic() < deadline, f"{first_log.read_text()}\n{task_logs()}"
+                    time.sleep(1)
+                proc.send_signal(signal.SIGTERM)
+                rc = proc.wait(timeout=300)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+            assert rc == 3, f"{first_log.read_text()}\n{task_logs()}"
+            jobs = [read_json(sweep_dir / f"trial-000{i}" / "trial.json")["slurm_job"] for i in (0, 1)]
+            array = jobs[0].split("_")[0]
+            assert jobs == [f"{array}_0", f"{array}_1"], jobs  # one array job, two tasks
+            for i in (0, 1):
+                run = sweep_dir / f"trial-000{i}"
+                assert read_json(run / "trial.json")["state"] == "interrupted"
+                assert list((run / "checkpoints").glob("*.pt")), task_logs()
+                log = (sweep_dir / "slurm" / f"{array}_{i}.out").read_text()
+                assert f"[sweep] array task {array}_{i}: trial dir {run}" in log
+                assert "stopped by signal SIGTERM" in log, log
+            assert states(load_study(sweep_dir, journal=True)) == {0: "RUNNING", 1: "RUNNING"}
+
+            second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+                                    stdin=subprocess.DEVNULL)
+            assert second.returncode == 0, f"{second.stdout}\n{second.stderr}\n{task_logs()}\n{cluster.logs()}"
         assert (sweep_dir / "study.journal").is_file() and not (sweep_dir / "study.db").exists()
         study = load_study(sweep_dir, journal=True)
-        assert states(study) == {0: "COMPLETE", 1: "COMPLETE"}, proc.stdout
-        jobs = [read_json(sweep_dir / f"trial-000{i}" / "trial.json")["slurm_job"] for i in (0, 1)]
-        array = jobs[0].split("_")[0]
-        assert jobs == [f"{array}_0", f"{array}_1"], jobs  # one array job, two tasks
+        assert states(study) == {0: "COMPLETE", 1: "COMPLETE"}, second.stdout
+        again = [read_json(sweep_dir / f"trial-000{i}" / "trial.json")["slurm_job"] for i in (0, 1)]
+        assert again[0].split("_")[0] == again[1].split("_")[0] != array  # resubmitted together
         for t in study.get_trials():
             run = sweep_dir / f"trial-{t.number:04d}"
             summary = read_json(run / "summary.json")
-            assert t.value == summary["test_accuracy"] and summary["global_step"] == 30
+            assert t.value == summary["test_accuracy"] and summary["global_step"] == 150
             assert read_json(run / "config.json")["config"]["lr"] == t.params["lr"]
-            log = (sweep_dir / "slurm" / f"{array}_{t.number}.out").read_text()
-            assert f"[sweep] array task {array}_{t.number}: trial dir {run}" in log
-            assert "training step finished with exit code 0" in log
+            assert read_json(run / "trial.json")["starts"] == 2
+            log = (sweep_dir / "slurm" / f"{again[t.number]}.out").read_text()
+            assert "resumed from" in log and "training step finished with exit code 0" in log, log
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -48,8 +48,10 @@ class Sweep:
                 if self.signum:
                     return self.stop_all()
                 self.poll()
-                while len(self.running) < self.args.parallel and orphans:
-                    self.resume(orphans.pop(0))
+                if orphans and len(self.running) < self.args.parallel:  # together: one SLURM array
+                    free = self.args.parallel - len(self.running)
+                    self.resume(orphans[:free])
+                    orphans = orphans[free:]
                 while len(self.running) < self.args.parallel and self.done() + len(self.running) < self.args.trials:
                     self.ask_and_start(self.args.parallel - len(self.running))
                 if not self.running:
@@ -146,10 +148,11 @@ class Sweep:
                 out.append(run)
         return out
 
-    def resume(self, run: TrialRun) -> None:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        run.slot = self.free_slot()
-        self.start([run], resumed=True)
+    def resume(self, runs: list[TrialRun]) -> None:
+        for i, run in enumerate(runs):
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            run.slot = self.free_slot(runs[:i])
+        self.start(runs, resumed=True)
 
     # ------------------------------------------------------------------ watching trials
     def poll(self) -> None:
