@@ -35,7 +35,8 @@ def build_train_parser(prog: str = "mnist-dist train") -> argparse.ArgumentParse
         description=(
             "Train a CNN on MNIST, plain or with DistributedDataParallel. Launch with python "
             "(one process) or torchrun (any number of processes and nodes). Other commands: "
-            "`mnist-dist evaluate --run-dir DIR`, `mnist-dist download --data-dir DIR`."
+            "`mnist-dist evaluate --run-dir DIR`, `mnist-dist download --data-dir DIR`, "
+            "`mnist-dist sweep --space FILE --sweep-dir DIR` (Optuna; see its --help)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
