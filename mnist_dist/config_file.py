@@ -7,7 +7,7 @@ is a valid file too: its ``config`` object is read, without the keys that say *w
 lookup. Order, lowest to highest priority: defaults < recipe < file < flags given explicitly.
 
 Every key is checked against TrainConfig's fields and types; all unknown and mistyped keys are named
-in one ``error:`` line. Light: tomllib/json from the standard library, PyYAML only for .yaml/.yml.
+in one ``error:`` line. Light: tomllib (tomli before Python 3.11) and json, PyYAML only for .yaml/.yml.
 """
 
 from __future__ import annotations
@@ -26,6 +26,21 @@ RUN_LOCATION_KEYS = ("out_dir", "resume", "data_dir")
 FIELD_TYPES = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
 
 
+def toml_module() -> Any:
+    """tomllib (Python >= 3.11), else the tomli package it came from."""
+    try:
+        import tomllib
+
+        return tomllib
+    except ImportError:
+        try:
+            import tomli
+
+            return tomli
+        except ImportError:
+            raise UserError("reading TOML needs Python >= 3.11 or the tomli package (pip install tomli)") from None
+
+
 def read_mapping(path: str | os.PathLike) -> dict[str, Any]:
     """The file's top-level mapping, by extension: .toml, .yaml/.yml, .json."""
     path = Path(path)
@@ -40,9 +55,7 @@ def read_mapping(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"--config {path}: cannot read it: {getattr(exc, 'strerror', None) or exc}") from None
     try:
         if suffix == ".toml":
-            import tomllib
-
-            data: Any = tomllib.loads(text)
+            data: Any = toml_module().loads(text)
         elif suffix == ".json":
             data = json.loads(text)
         else:
@@ -54,7 +67,7 @@ def read_mapping(path: str | os.PathLike) -> dict[str, Any]:
             data = yaml.safe_load(text)
     except UserError:
         raise
-    except Exception as exc:  # tomllib.TOMLDecodeError, json.JSONDecodeError, yaml.YAMLError
+    except Exception as exc:  # TOMLDecodeError, json.JSONDecodeError, yaml.YAMLError
         detail = " ".join(str(exc).split())[:200]
         raise UserError(f"--config {path}: not valid {suffix[1:].upper()}: {detail}") from None
     if data is None:

@@ -103,11 +103,12 @@ def check_train_flags(fixed: list[str], params: list[Param], world: int) -> Any:
 def read_enqueue(path: str | None, params: list[Param]) -> list[dict[str, Any]]:
     if not path:
         return []
-    import tomllib
+    from ..config_file import toml_module
 
+    toml = toml_module()
     try:
-        trials = tomllib.loads(Path(path).read_text()).get("trial", [])
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        trials = toml.loads(Path(path).read_text()).get("trial", [])
+    except (OSError, toml.TOMLDecodeError) as exc:
         raise UserError(f"--enqueue {path}: {exc}") from None
     names = {p.name for p in params}
     out = []

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
+from ..config_file import toml_module
 from ..errors import UserError
 
 FIELD_TYPES = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
@@ -133,16 +134,15 @@ def parse_param(name: str, spec: Any) -> Param:
 
 
 def load_space(path: str | Path) -> list[Param]:
-    import tomllib
-
+    toml = toml_module()
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = toml.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"--space {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"--space {path}: cannot read it: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except toml.TOMLDecodeError as exc:
         raise UserError(f"--space {path}: not valid TOML: {exc}") from None
     if not data:
         raise UserError(f"--space {path}: the space is empty: add a table per flag to sweep, e.g. "
