@@ -1,4 +1,4 @@
-"""Command line: ``mnist-dist [train] ...``, ``evaluate``, ``download``.
+"""Command line: ``mnist-dist [train] ...``, ``evaluate``, ``download``, ``sweep`` (mnist_dist/sweep/).
 
 The train flags are generated from ``TrainConfig`` (one flag per field, its help from the field).
 Every command runs inside ``guarded``: a UserError becomes one ``error: ...`` line and exit code 2.
@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 from .config import RECIPES, TrainConfig, resolve_config, validate_config
 from .errors import EXIT_STOPPED, EXIT_USER_ERROR, StopTraining, UserError
 
-SUBCOMMANDS = ("train", "evaluate", "download", "plot", "predict", "export", "ray")
+SUBCOMMANDS = ("train", "evaluate", "download", "plot", "predict", "export", "ray", "sweep")
 
 # fields whose flag differs from --field-name or that need special handling
 _NEGATIVE_FLAGS = {"download": "--no-download", "progress": "--no-progress"}
@@ -35,7 +35,8 @@ def build_train_parser(prog: str = "mnist-dist train") -> argparse.ArgumentParse
         description=(
             "Train a CNN on MNIST, plain or with DistributedDataParallel. Launch with python "
             "(one process) or torchrun (any number of processes and nodes). Other commands: "
-            "`mnist-dist evaluate --run-dir DIR`, `mnist-dist download --data-dir DIR`."
+            "`mnist-dist evaluate --run-dir DIR`, `mnist-dist download --data-dir DIR`, "
+            "`mnist-dist sweep --space FILE --sweep-dir DIR` (Optuna; see its --help)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -47,7 +48,7 @@ def build_train_parser(prog: str = "mnist-dist train") -> argparse.ArgumentParse
             continue
         kwargs: dict[str, Any] = dict(dest=f.name, default=None, help=help_text)
         if f.name == "recipe":
-            kwargs.update(default="fast", help=f"{help_text}; one of: {', '.join(sorted(RECIPES))}")
+            kwargs["help"] = f"{help_text}; one of: {', '.join(sorted(RECIPES))} (default: fast)"
         elif f.name == "model":
             kwargs["help"] = f"{help_text}; one of: {', '.join(sorted(MODELS))} (default: from the recipe)"
         elif f.name == "batch_size":
@@ -65,6 +66,10 @@ def build_train_parser(prog: str = "mnist-dist train") -> argparse.ArgumentParse
         else:
             kwargs["type"] = {"int": int, "float": float, "str": str}.get(str(f.type), str)
         parser.add_argument(_flag(f.name), **kwargs)
+    parser.add_argument(
+        "--config", metavar="FILE", default=None,
+        help="training flags from a TOML, YAML or JSON file (keys = flag names; a run's config.json "
+             "works too); flags given explicitly win")
     return parser
 
 
@@ -75,9 +80,19 @@ def parse_train_args(argv: Sequence[str] | None, world_size: int | None = None) 
     from .outputs.rundir import default_run_dir
 
     args = build_train_parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k != "recipe"}
-    cfg = resolve_config(args.recipe, overrides)
-    cfg.data_dir = resolve_data_dir(args.data_dir)
+    explicit = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
+    from_file: dict[str, Any] = {}
+    if args.config:
+        from .config_file import load_config_file
+
+        from_file, run_info = load_config_file(args.config)
+        world = world_size if world_size is not None else launcher_world()[2]
+        if run_info.get("world_size") not in (None, world) and int(os.environ.get("RANK", "0")) == 0:
+            print(f"note: {args.config} was written by a run at world size {run_info['world_size']}; "
+                  f"this run has world size {world}, so its results may differ", file=sys.stderr, flush=True)
+    values = {**from_file, **explicit}  # explicit flags win over the file
+    cfg = resolve_config(values.pop("recipe", "fast"), values)
+    cfg.data_dir = resolve_data_dir(values.get("data_dir"))
     if cfg.resume == "auto" and not cfg.out_dir:
         raise UserError("--resume auto needs --out-dir: the run directory whose checkpoints to resume")
     cfg.out_dir = cfg.out_dir or default_run_dir()
@@ -124,7 +139,7 @@ def download_command(argv: Sequence[str]) -> int:
 
 
 def _tool(module: str, function: str, package: str = "tools") -> Callable[[Sequence[str]], int]:
-    """A subcommand of ``mnist_dist/tools/`` (or ``launchers/``), imported only when it runs."""
+    """A subcommand of ``mnist_dist/tools/`` (or another subpackage), imported only when it runs."""
 
     def command(argv: Sequence[str]) -> int:
         import importlib
@@ -142,6 +157,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "predict": _tool("predict", "predict_command"),
     "export": _tool("predict", "export_command"),
     "ray": _tool("ray_train", "main", package="launchers"),  # Ray Train: launchers/ray_train.py
+    "sweep": _tool("command", "sweep_command", package="sweep"),  # Optuna: the `sweep` extra
 }
 
 

@@ -130,6 +130,7 @@ def fit(cfg: TrainConfig, engine: Engine,
     show_progress = env.is_main and cfg.progress and sys.stderr.isatty()
     warmup_seconds = warm_up(trainer, cfg.warmup_steps)  # untimed; state restored after
 
+    trainer.on_evaluation = run.append_evaluation
     trainer.stop.install()
     try:
         test = train_epochs(trainer, run, show_progress)
@@ -161,6 +162,7 @@ def resume(trainer: Trainer, run: RunDir) -> str | None:
         state = checkpoint_files.load(resume_from, map_location="cpu") if env.is_main else None
         note = trainer.restore(broadcast_object(state, env), resume_from)
         run.truncate_metrics(after_epoch=p.epoch)
+        run.truncate_evaluations(after_step=p.global_step)
         log(env, f"resumed from {resume_from} at epoch {p.epoch + 1} step {p.step_in_epoch} "
                  f"(global step {p.global_step}){'; ' + note if note else ''}")
     elif cfg.resume == "auto":
@@ -177,6 +179,7 @@ def train_epochs(trainer: Trainer, run: RunDir, show_progress: bool) -> EvalResu
         loss, accuracy, images, seconds = trainer.train_epoch(show_progress)
         test = trainer.evaluate()
         p.clock.epoch_evaluated(test.accuracy, p.train_seconds + seconds, p.global_step)
+        trainer.record_evaluation(test, p.train_seconds + seconds, "epoch")
         record = {
             "epoch": epoch + 1,
             "train_loss": loss,

@@ -41,8 +41,9 @@ class TargetClock:
         return bool(self.every) and not self.reached and global_step % self.every == 0
 
     def check(self, evaluate: Callable[[], Any], device: torch.device, seconds_before: float,
-              epoch_started: float, global_step: int) -> None:
-        """Mid-epoch: stop the clock, evaluate exactly, record, restart the clock.
+              epoch_started: float, global_step: int) -> tuple[Any, float]:
+        """Mid-epoch: stop the clock, evaluate exactly, record, restart the clock. Returns the
+        evaluation and the training seconds at it.
 
         ``seconds_before``: training seconds before this process started the epoch (finished epochs
         plus this epoch's seconds before a resume); ``epoch_started``: perf_counter() at that start.
@@ -54,6 +55,7 @@ class TargetClock:
         self.evaluations += 1
         self._record(result.accuracy, train_seconds, global_step)
         self.paused += time.perf_counter() - now
+        return result, train_seconds
 
     def end_epoch(self, raw_seconds: float) -> float:
         """The epoch's training seconds without mid-epoch evaluations."""

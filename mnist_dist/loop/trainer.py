@@ -67,6 +67,7 @@ class Trainer:
     # called on every rank after each checkpoint with (its path on rank 0, else None; metrics):
     # the Ray launcher reports our checkpoint files to Ray Train through it (launchers/ray_train.py)
     on_checkpoint: Callable[[str | None, dict[str, Any]], None] | None = None
+    on_evaluation: Any = None  # called with each evaluation's record (fit: the run's evaluations.jsonl)
 
     def __post_init__(self) -> None:
         if self.precision.scaler.is_enabled():
@@ -116,8 +117,9 @@ class Trainer:
         loss = self.train_step(x, y, p.sums)
         p.step_in_epoch = step + 1
         if p.clock.due(p.global_step):  # evaluates with the clock paused
-            p.clock.check(self.evaluate, self.env.device, p.train_seconds + p.epoch_seconds, self.epoch_started,
-                          p.global_step)
+            result, seconds_now = p.clock.check(self.evaluate, self.env.device, p.train_seconds + p.epoch_seconds,
+                                                self.epoch_started, p.global_step)
+            self.record_evaluation(result, seconds_now, "step")
         self.tracker.log_step(p.global_step, loss, self.optimizer)  # syncs only when wandb is on
         faults.maybe_fail("step", p.global_step)
         if cfg.checkpoint_every and p.global_step % cfg.checkpoint_every == 0:
@@ -156,6 +158,15 @@ class Trainer:
     def end_epoch(self, seconds: float) -> None:
         self.progress.end_epoch(seconds)
         self.epoch_started = 0.0
+
+    def record_evaluation(self, result: EvalResult, train_seconds: float, kind: str) -> None:
+        """One line of evaluations.jsonl: every exact evaluation, mid-epoch ("step") or at an epoch end
+        ("epoch"), by global step. A sweep's pruner reads it while the run trains."""
+        if self.on_evaluation is not None:
+            self.on_evaluation({"global_step": self.progress.global_step, "epoch": self.progress.epoch + 1,
+                                "images_seen": self.progress.global_step * self.cfg.batch_size,
+                                "kind": kind, "test_accuracy": result.accuracy, "test_loss": result.loss,
+                                "test_correct": result.correct, "train_seconds": train_seconds})
 
     def evaluate(self) -> EvalResult:
         """Exact, and in fp32 whatever ``--amp`` trains with (10,000 images are cheap), so that

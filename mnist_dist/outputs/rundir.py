@@ -2,6 +2,7 @@
 
     config.json      resolved config, world size, versions, hostnames
     metrics.jsonl    one JSON object per epoch
+    evaluations.jsonl one JSON object per exact test evaluation (every --eval-every steps and each epoch end)
     summary.json     final accuracy, counts, per-class accuracy, world size, train seconds
     model.pt         final weights: a plain state_dict (no ``module.`` / ``_orig_mod.`` prefixes)
 """
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+EVALUATIONS_FILE = "evaluations.jsonl"
 SUMMARY_FILE = "summary.json"
 WEIGHTS_FILE = "model.pt"
 
@@ -84,21 +86,33 @@ class RunDir:
         if self.enabled:
             atomic_write_json(self.path / CONFIG_FILE, config)
 
-    def append_metrics(self, record: dict[str, Any]) -> None:
+    def _append(self, name: str, record: dict[str, Any]) -> None:
         if self.enabled:
-            with open(self.path / METRICS_FILE, "a") as fh:
+            with open(self.path / name, "a") as fh:
                 fh.write(json.dumps(record, sort_keys=True) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
 
-    def truncate_metrics(self, after_epoch: int) -> None:
-        """Drop records of epochs after ``after_epoch`` (a resume redoes them), atomically."""
-        path = self.path / METRICS_FILE
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        self._append(METRICS_FILE, record)
+
+    def append_evaluation(self, record: dict[str, Any]) -> None:
+        self._append(EVALUATIONS_FILE, record)
+
+    def _truncate(self, name: str, key: str, last: int) -> None:
+        """Drop records whose ``key`` is after ``last`` (a resume redoes them), atomically."""
+        path = self.path / name
         if not self.enabled or not path.is_file():
             return
         kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("epoch", 0) <= after_epoch]
+                if line.strip() and json.loads(line).get(key, 0) <= last]
         atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+
+    def truncate_metrics(self, after_epoch: int) -> None:
+        self._truncate(METRICS_FILE, "epoch", after_epoch)
+
+    def truncate_evaluations(self, after_step: int) -> None:
+        self._truncate(EVALUATIONS_FILE, "global_step", after_step)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         if self.enabled:

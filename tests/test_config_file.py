@@ -1,0 +1,86 @@
+"""``--config FILE`` (TOML, YAML, JSON): any training flag from a file, explicit flags win, bad keys are
+one ``error:`` line, and a run's own config.json reproduces the run (real runs, real files)."""
+
+from __future__ import annotations
+
+from conftest import QUIET, TRAIN_SCRIPT, assert_one_line_error, ok, python, read_json, read_jsonl
+
+from mnist_dist.cli import parse_train_args
+
+
+def test_toml_yaml_json_set_flags_and_explicit_flags_win(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('recipe = "best"\nlr = 0.003\nbetas = [0.8, 0.95]\nbatch-size = 128\naugment = false\n')
+    cfg = parse_train_args(["--config", str(toml), "--out-dir", str(tmp_path / "r")], world_size=1)
+    assert (cfg.recipe, cfg.lr, cfg.betas, cfg.batch_size, cfg.augment) == ("best", 0.003, (0.8, 0.95), 128, False)
+    assert cfg.epochs == 10 and cfg.model == "best"  # the rest from the file's recipe
+    cfg = parse_train_args(["--config", str(toml), "--lr", "0.01", "--recipe", "fast", "--augment",
+                            "--out-dir", str(tmp_path / "r")], world_size=1)
+    assert (cfg.recipe, cfg.lr, cfg.augment, cfg.model, cfg.batch_size) == ("fast", 0.01, True, "fast", 128)
+
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("lr: 0.02\nseed: 4\nnormalize: false\n")
+    cfg = parse_train_args(["--config", str(yaml), "--out-dir", str(tmp_path / "r")], world_size=1)
+    assert (cfg.recipe, cfg.lr, cfg.seed, cfg.normalize) == ("fast", 0.02, 4, False)
+
+    js = tmp_path / "c.json"
+    js.write_text('{"epochs": 3, "weight_decay": 0}')
+    cfg = parse_train_args(["--config", str(js), "--out-dir", str(tmp_path / "r")], world_size=1)
+    assert (cfg.epochs, cfg.weight_decay) == (3, 0.0) and isinstance(cfg.weight_decay, float)
+
+
+def test_bad_config_files_are_one_error_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('lr = 0.02\nepochs = "3"\nfoo = 1\nbatch-size = 2.5\nbetas = [0.9]\n')
+    line = assert_one_line_error(python(str(TRAIN_SCRIPT), "--config", str(bad)), "unknown keys: foo",
+                                 "epochs (expected int", "batch_size (expected int", "betas (expected two")
+    assert "lr" not in line.split("mistyped")[1].replace("expected", "")  # a good key is not named
+    broken = tmp_path / "broken.toml"
+    broken.write_text("lr = \n")
+    assert_one_line_error(python(str(TRAIN_SCRIPT), "--config", str(broken)), "not valid TOML")
+    listing = tmp_path / "list.json"
+    listing.write_text("[1, 2]")
+    assert_one_line_error(python(str(TRAIN_SCRIPT), "--config", str(listing)), "expected a mapping")
+    assert_one_line_error(python(str(TRAIN_SCRIPT), "--config", str(tmp_path / "none.toml")), "no such file")
+    assert_one_line_error(python(str(TRAIN_SCRIPT), "--config", str(tmp_path / "x.ini")), "unknown file type")
+    # a value that has the right type but is invalid goes through the usual checks
+    neg = tmp_path / "neg.toml"
+    neg.write_text("epochs = -1\n")
+    assert_one_line_error(python(str(TRAIN_SCRIPT), "--config", str(neg)), "--epochs must be a positive")
+
+
+def test_yaml_without_pyyaml_is_one_error_line(tmp_path):
+    yaml = tmp_path / "c.yml"
+    yaml.write_text("lr: 0.02\n")
+    # a real process in which `import yaml` fails (as without PyYAML installed)
+    code = ("import sys; sys.modules['yaml'] = None; from mnist_dist.cli import main; "
+            f"sys.exit(main(['--config', {str(yaml)!r}]))")
+    proc = python("-c", code)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "YAML needs PyYAML")
+
+
+def test_run_config_json_reproduces_the_run(mnist_root, tmp_path):
+    """Run A with non-default flags; ``--config A/config.json --out-dir B`` gives the same test_correct,
+    the same per-epoch metrics and the same config (but its own run directory)."""
+    a, b = tmp_path / "A", tmp_path / "B"
+    ok(python(str(TRAIN_SCRIPT), "--data-dir", str(mnist_root), "--out-dir", str(a), "--max-steps", "40",
+              "--seed", "3", "--lr", "0.02", "--batch-size", "128", "--eval-every", "20", *QUIET))
+    ok(python(str(TRAIN_SCRIPT), "--config", str(a / "config.json"), "--out-dir", str(b)))
+    sa, sb = read_json(a / "summary.json"), read_json(b / "summary.json")
+    assert sa["test_correct"] == sb["test_correct"] and sa["test_loss"] == sb["test_loss"]
+    assert sb["global_step"] == 40
+    ca, cb = read_json(a / "config.json")["config"], read_json(b / "config.json")["config"]
+    assert cb["out_dir"] == str(b) and ca["out_dir"] == str(a)
+    assert {k: v for k, v in ca.items() if k != "out_dir"} == {k: v for k, v in cb.items() if k != "out_dir"}
+    ma, mb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
+    assert [m["test_correct"] for m in ma] == [m["test_correct"] for m in mb]
+    # every exact evaluation is in evaluations.jsonl (mid-epoch every 20 steps, then the epoch end)
+    evals = read_jsonl(b / "evaluations.jsonl")
+    assert [(e["global_step"], e["kind"], e["images_seen"]) for e in evals] == \
+        [(20, "step", 20 * 128), (40, "step", 40 * 128), (40, "epoch", 40 * 128)]
+    assert evals[-1]["test_correct"] == sb["test_correct"]
+    # an explicit flag still wins over the run's config.json
+    c = parse_train_args(["--config", str(a / "config.json"), "--seed", "5", "--out-dir", str(tmp_path / "C")],
+                         world_size=1)
+    assert (c.seed, c.lr, c.batch_size, c.max_steps) == (5, 0.02, 128, 40)
