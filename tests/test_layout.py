@@ -95,13 +95,14 @@ def test_cycle_finder_names_a_cycle(tmp_path):
 
 
 def test_default_run_imports_no_optional_packages(mnist_root, tmp_path):
-    """A default run without pictures and export imports none of torchvision, matplotlib, wandb or
-    accelerate (each costs start-up seconds it does not use): every import of the real process is
-    listed by ``python -X importtime``. (torch._dynamo is not on the list: torch.optim's optimizers
+    """A default run without pictures and export imports none of torchvision, matplotlib, wandb,
+    accelerate or tensorboard (each costs start-up seconds it does not use): every import of the real
+    process is listed by ``python -X importtime``. (torch._dynamo is not on the list: torch.optim's optimizers
     import it on construction, ~1.6 s here, in every torch training script.)"""
     proc = ok(python("-X", "importtime", str(REPO / "train_ddp.py"), "--data-dir", str(mnist_root),
                      "--out-dir", str(tmp_path / "run"), "--max-steps", "2", *QUIET, timeout=180))
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert "torch" in imported and "mnist_dist.train" in imported, "importtime listed nothing"
-    heavy = sorted(m for m in imported if m.split(".")[0] in ("torchvision", "matplotlib", "wandb", "accelerate"))
+    heavy = sorted(m for m in imported if m.split(".")[0] in ("torchvision", "matplotlib", "wandb", "accelerate",
+                                                              "tensorboard"))
     assert not heavy, f"the default path imported {heavy}"

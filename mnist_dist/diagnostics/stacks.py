@@ -66,7 +66,7 @@ def collective(frames: list[Frame]) -> str | None:
     if any("/torch/autograd/" in f[0] or (f[0].endswith("torch/_tensor.py") and f[2] == "backward") for f in below):
         return "autograd backward (where DDP all-reduces the gradients)"
     if any(f[0].endswith("torch/nn/parallel/distributed.py") for f in below):
-        return "DDP forward (buffer broadcast)"
+        return "DDP forward"
     return None
 
 

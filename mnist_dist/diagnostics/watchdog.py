@@ -68,6 +68,7 @@ class Watchdog:
         self.txt = self.debug_dir / f"rank-{env.rank}.txt"
         self.progress: Any = None
         self.armed, self.state, self.beat = True, "running", 0
+        self.failed_at: list | None = None  # the failure's frames: what this rank's last heartbeats say
         self.store: HeartbeatStore | None = None
         self.events: list[dict[str, Any]] = []
         self.identity = {"rank": env.rank, "pid": os.getpid(), "host": socket.gethostname()}
@@ -164,6 +165,7 @@ class Watchdog:
         if self.store is None:
             return
         self.beat += 1
+        frames = self.failed_at or frames
         self.store.publish({**self.identity, "beat": self.beat, "time": time.time(), "state": self.state,
                             "where": describe(frames), "phase": phase(frames), **self.position()})
 
@@ -233,7 +235,7 @@ class Watchdog:
 
     def _report(self, exc: BaseException) -> str:
         self.armed, self.state = False, "failed"
-        frames = traceback_frames(exc)
+        frames = self.failed_at = traceback_frames(exc)
         where, pos, stale = describe(frames), self.position(), 3 * self.interval
         self._publish(frames)
         peers = self.store.read(self.env.world_size) if self.store is not None else {}

@@ -65,7 +65,7 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
         ranks.append({
             "rank": rank,
             "missing": rank in missing_by, "named_by": missing_by.get(rank, []),
-            "report": own, "last_heartbeat": seen.get(rank),
+            "report": own, "events": events, "last_heartbeat": seen.get(rank),
             "dumps": len(rank_dumps), "on_demand_dumps": len(on_demand),
             "on_demand_where": describe(on_demand[-1]["main"]) if on_demand and on_demand[-1]["main"] else None,
         })
@@ -97,6 +97,9 @@ def render(d: dict[str, Any]) -> list[str]:
         if own:
             what = {"failure": "failed", "stall": "stalled"}.get(own["kind"], own["kind"])
             text = f"{what} at {_position(own)} ({own.get('phase') or '?'}) in {own['where']}"
+            stall = next((e for e in reversed(r["events"][:-1]) if e["kind"] == "stall"), None)
+            if stall and stall["where"] != own["where"]:
+                text += f", after {stall['seconds']:.0f} s without progress in {stall['where']}"
         elif r["missing"] and beat:
             text = (f"MISSING (no report of its own); last heartbeat at {_position(beat)} ({beat.get('phase') or '?'}) "
                     f"in {beat.get('where')} (pid {beat.get('pid')} on {beat.get('host')})")
