@@ -280,6 +280,27 @@ def test_tensorboard_event_files_match_metrics_jsonl(mnist_root, tmp_path):
     assert image.encoded_image_string == (out / "curves.png").read_bytes()
 
 
+def test_tensorboard_curves_do_not_fork_after_a_crash_and_resume(mnist_root, tmp_path):
+    """Killed at step 25 (checkpoint at 20), resumed: the first attempt's point at 25 is purged."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    args = (str(TRAIN_SCRIPT), "--data-dir", str(mnist_root), "--out-dir", str(out), "--max-steps", "40",
+            "--checkpoint-every", "10", "--log-every", "5", "--tensorboard", *QUIET)
+    crashed = python(*args, env=child_env(MNIST_DIST_FAULT="kill,point=step,rank=0,step=25"), timeout=300)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    first = EventAccumulator(str(next((out / "tensorboard").glob("events.out.tfevents.*"))))
+    first.Reload()
+    assert [e.step for e in first.Scalars("batch_loss")] == [5, 10, 15, 20, 25]
+    ok(python(*args, "--resume", "auto", timeout=300))
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    both = EventAccumulator(str(out / "tensorboard"))
+    both.Reload()
+    assert [e.step for e in both.Scalars("batch_loss")] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert [e.step for e in both.Scalars("test_accuracy")] == [40]
+
+
 def test_tensorboard_without_the_package_is_one_error_line(tmp_path):
     code = ("import sys; sys.modules['tensorboard'] = None; sys.argv[0] = 'train_ddp.py'; "
             "from mnist_dist.cli import main; sys.exit(main(['--tensorboard', '--out-dir', sys.argv[1]]))")

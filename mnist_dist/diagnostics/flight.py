@@ -84,7 +84,7 @@ def summarize(debug_dir: Path) -> dict[str, Any] | None:
 
     from torch.distributed.flight_recorder.components.loader import read_dir
 
-    logging.getLogger("Flight Recorder").setLevel(logging.ERROR)  # its matcher logs every mismatch
+    logging.getLogger("Flight Recorder").setLevel(logging.CRITICAL)  # its matcher logs every mismatch
     args = argparse.Namespace(trace_dir=str(debug_dir), prefix=PREFIX, selected_ranks=None, pg_filters=None,
                               allow_incomplete_ranks=True, just_print_entries=False, verbose=False,
                               print_stack_trace=False, mismatch_cap=10, transform_ft=False,
@@ -111,6 +111,7 @@ def summarize(debug_dir: Path) -> dict[str, Any] | None:
     try:
         from torch.distributed.flight_recorder.components.builder import build_db
 
+        _name_gloo_groups(details)
         db = build_db(details, args, version)
         incomplete = [{"collective": c.collective_name, "seq": c.collective_seq_id,
                        "missing_ranks": sorted(c.missing_ranks)}
@@ -119,3 +120,15 @@ def summarize(debug_dir: Path) -> dict[str, Any] | None:
         incomplete = [{"error": f"{type(exc).__name__}: {exc}"}]
     return {"version": version, "ranks": ranks, "without_dump": sorted(expected - set(ranks)),
             "incomplete": incomplete}
+
+
+def _name_gloo_groups(details: dict[str, Any]) -> None:
+    """torch 2.14's gloo recorder names the default group '0' in its entries but '' in ``pg_config``,
+    and torch's matcher (also ``fr_trace``) then fails with KeyError ('0', rank): name it the same."""
+    for dump_ in details.values():
+        config = dump_["pg_config"]
+        groups = {tuple(e["process_group"]) for e in dump_["entries"]}
+        if "" in config and len(groups) == 1:
+            name, desc = next(iter(groups))
+            if name not in config:
+                config[name] = dict(config.pop(""), name=name, desc=desc)

@@ -76,7 +76,8 @@ class HeartbeatStore:
 def classify(first: dict[int, dict | None], second: dict[int, dict | None] | None, me: int,
              stale_after: float) -> dict[int, str]:
     """Each other rank's status from one or two reads of the beats: ``missing`` (no beat, an old beat,
-    or one that did not advance between the reads), ``failed`` / ``done`` (it said so), ``alive``."""
+    or one that did not advance between the reads), ``failed`` / ``done`` / ``stopped`` (it said so),
+    ``alive``."""
     status: dict[int, str] = {}
     for rank, beat in first.items():
         if rank == me:
@@ -84,7 +85,7 @@ def classify(first: dict[int, dict | None], second: dict[int, dict | None] | Non
         later = (second or {}).get(rank) or beat
         if later is None:
             status[rank] = "missing"
-        elif later.get("state") in ("failed", "done"):
+        elif later.get("state") in ("failed", "done", "stopped"):
             status[rank] = later["state"]
         elif second is not None and beat is not None:
             status[rank] = "alive" if later["beat"] != beat["beat"] else "missing"

@@ -57,7 +57,7 @@ def probe(rank: int, world_size: int, device, backend: str) -> dict[str, Any]:
     seconds = statistics.median(_timed_all_reduce(big, REPEATS))
     algbw = nbytes / seconds
     interfaces: list[Any] = [None] * world_size
-    dist.all_gather_object(interfaces, {"host": socket.gethostname(), **interface(backend)})
+    dist.all_gather_object(interfaces, {"host": socket.gethostname(), "pid": os.getpid(), **interface(backend)})
     return {
         "backend": backend,
         "world_size": world_size,
@@ -121,4 +121,6 @@ def describe(result: dict[str, Any]) -> str:
             f"{'/'.join(names)} {first.get('address') or ''} (chosen by {how}; {first.get('variable')} "
             f"overrides); all_reduce ok, {result['latency_ms']:.2f} ms; "
             f"{result['bandwidth_bytes'] / 2 ** 20:.0f} MiB all_reduce {result['bandwidth_ms']:.1f} ms = "
-            f"{result['busbw_gbps']:.2f} GB/s bus bandwidth (median of {result['bandwidth_repeats']})")
+            f"{result['busbw_gbps']:.2f} GB/s bus bandwidth (median of {result['bandwidth_repeats']}); rank pids "
+            f"{' '.join(str(r.get('pid')) for r in result['ranks'])} (kill -USR2 PID: that rank's stacks into "
+            f"<out-dir>/debug/)")

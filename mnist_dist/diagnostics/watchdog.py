@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import RankFailure
+from ..errors import RankFailure, StopTraining
 from . import flight
 from .heartbeat import HeartbeatStore, classify, heartbeat_interval
 from .stacks import HEADER, describe, phase, thread_frames, traceback_frames
@@ -66,12 +66,14 @@ class Watchdog:
         self.out_dir = Path(cfg.out_dir)
         self.debug_dir = self.out_dir / "debug"
         self.txt = self.debug_dir / f"rank-{env.rank}.txt"
+        self.json = self.debug_dir / f"rank-{env.rank}.json"
         self.progress: Any = None
         self.armed, self.state, self.beat = True, "running", 0
         self.failed_at: list | None = None  # the failure's frames: what this rank's last heartbeats say
         self.store: HeartbeatStore | None = None
         self.events: list[dict[str, Any]] = []
         self.identity = {"rank": env.rank, "pid": os.getpid(), "host": socket.gethostname()}
+        self.attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
         self._fh: Any = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -82,6 +84,11 @@ class Watchdog:
     @classmethod
     def start(cls, cfg: Any, env: Any) -> "Watchdog":
         watchdog = cls(cfg, env)
+        try:
+            previous = json.loads(watchdog.json.read_text()) if watchdog.json.is_file() else {}
+            watchdog.events = list(previous.get("events", []))  # an earlier attempt's (restart, --resume)
+        except (OSError, ValueError):
+            pass
         try:
             watchdog.debug_dir.mkdir(parents=True, exist_ok=True)
             watchdog._fh = open(watchdog.txt, "ab", buffering=0)
@@ -120,6 +127,11 @@ class Watchdog:
         try:
             if exc is not None and self.env.distributed and is_collective_failure(exc):
                 report = self.report_failure(exc)
+            elif exc is not None and self.store is not None:  # tell the peers, who are about to fail
+                stopped = isinstance(exc, (StopTraining, KeyboardInterrupt))
+                self.state = "stopped" if stopped else "failed"
+                self.failed_at = None if stopped else traceback_frames(exc)
+                self._publish(thread_frames())
         except Exception as inner:  # noqa: BLE001 - the original failure matters more than the report's
             print(f"[rank {self.env.rank}] notice: the failure report failed too ({first_line(inner)})",
                   file=sys.stderr, flush=True)
@@ -201,12 +213,12 @@ class Watchdog:
         self.events.append(event)
         if self._fh is None:
             return
+        event["attempt"] = self.attempt
         doc = {**self.identity, "world_size": self.env.world_size, "backend": self.env.backend,
                "dist_timeout": self.timeout, "events": self.events}
-        path = self.debug_dir / f"rank-{self.env.rank}.json"
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = self.json.with_name(self.json.name + ".tmp")
         tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-        os.replace(tmp, path)
+        os.replace(tmp, self.json)
 
     def _header(self, what: str) -> str:
         stamp = datetime.datetime.now().isoformat(timespec="seconds")

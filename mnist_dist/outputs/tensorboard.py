@@ -51,6 +51,7 @@ class TensorBoard:
         self.last_step = global_step
         self.writer.add_scalar("batch_loss", float(loss.item()), global_step)
         self.writer.add_scalar("lr", float(optimizer.param_groups[0]["lr"]), global_step)
+        self.writer.flush()  # a live TensorBoard sees the point now (and a crash loses none)
 
     def log_epoch(self, record: dict[str, Any], global_step: int) -> None:
         self.last_step = global_step

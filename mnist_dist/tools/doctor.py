@@ -11,6 +11,7 @@ Recorder dumps; never a process group.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -90,7 +91,9 @@ def render(d: dict[str, Any]) -> list[str]:
     if not d["has_debug"]:
         return lines + ["no debug/ directory: no rank stalled, failed or was asked for its stacks"]
     for f in d["failures"]:
-        lines.append(f"failure on rank {f['rank']} at {_position(f)}: {f['error']}")
+        when = datetime.datetime.fromtimestamp(f["time"]).isoformat(timespec="seconds")
+        lines.append(f"failure on rank {f['rank']} at {_position(f)} ({when}, attempt {f.get('attempt', 0)}): "
+                     f"{f['error']}")
     lines.append("missing: " + (", ".join(f"rank {r}" for r in d["missing"]) if d["missing"] else "none named"))
     for r in d["ranks"]:
         own, beat = r["report"], r["last_heartbeat"]
