@@ -39,7 +39,7 @@ from typing import Any
 from ..errors import RankFailure, StopTraining
 from . import flight
 from .heartbeat import HeartbeatStore, classify, heartbeat_interval
-from .stacks import HEADER, describe, phase, thread_frames, traceback_frames
+from .stacks import HEADER, collective, describe, phase, thread_frames, traceback_frames
 
 STALL_FRACTION = 0.9  # of --dist-timeout without progress: dump the stacks
 _FAILURE = re.compile(r"timed out|timeout|connection (closed|reset|refused)|broken pipe|monitoredbarrier|"
@@ -48,9 +48,14 @@ _BARRIER_NAMES = re.compile(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier")
 
 
 def is_collective_failure(exc: BaseException) -> bool:
+    """torch's distributed errors, and gloo's RuntimeErrors raised inside a collective (a timeout, a
+    closed connection, a monitored barrier) — not, say, a DataLoader's timeout."""
     import torch.distributed as dist
 
-    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and bool(_FAILURE.search(str(exc))))
+    if isinstance(exc, dist.DistError):
+        return True
+    return (isinstance(exc, RuntimeError) and bool(_FAILURE.search(str(exc)))
+            and collective(traceback_frames(exc)) is not None)
 
 
 def first_line(exc: BaseException) -> str:
