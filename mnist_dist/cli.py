@@ -15,9 +15,9 @@ import sys
 from typing import Any, Callable, Sequence
 
 from .config import RECIPES, TrainConfig, resolve_config, validate_config
-from .errors import EXIT_STOPPED, EXIT_USER_ERROR, StopTraining, UserError
+from .errors import EXIT_RANK_FAILURE, EXIT_STOPPED, EXIT_USER_ERROR, RankFailure, StopTraining, UserError
 
-SUBCOMMANDS = ("train", "evaluate", "download", "plot", "predict", "export", "ray", "sweep")
+SUBCOMMANDS = ("train", "evaluate", "download", "plot", "predict", "export", "doctor", "ray", "sweep")
 
 # fields whose flag differs from --field-name or that need special handling
 _NEGATIVE_FLAGS = {"download": "--no-download", "progress": "--no-progress"}
@@ -103,8 +103,10 @@ def parse_train_args(argv: Sequence[str] | None, world_size: int | None = None) 
 def setup_engine(cfg: TrainConfig):
     """The engine of ``--engine`` (``mnist_dist/engines/<name>.py``), set up: process group, device,
     precision."""
+    from .diagnostics import flight
     from .engines import engine_class
 
+    flight.prepare(cfg.out_dir)  # before any process group: torch's Flight Recorder on, dumps into debug/
     return engine_class(cfg.engine).setup(cfg)
 
 
@@ -156,6 +158,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "plot": _tool("predict", "plot_command"),
     "predict": _tool("predict", "predict_command"),
     "export": _tool("predict", "export_command"),
+    "doctor": _tool("doctor", "doctor_command"),
     "ray": _tool("ray_train", "main", package="launchers"),  # Ray Train: launchers/ray_train.py
     "sweep": _tool("command", "sweep_command", package="sweep"),  # Optuna: the `sweep` extra
 }
@@ -206,6 +209,10 @@ def guarded(func: Callable[[], int | None]) -> int:
     except StopTraining as stop:
         mark_stopped(stop)
         return EXIT_STOPPED  # rank 0 already logged where the checkpoint is
+    except RankFailure as exc:  # a collective failed: the report (diagnostics/watchdog.py), one line each
+        for i, line in enumerate(str(exc).splitlines()):
+            print(f"{rank_prefix()}{'error: ' if i == 0 else '  '}{line}", file=sys.stderr, flush=True)
+        return EXIT_RANK_FAILURE
     except KeyboardInterrupt:
         print(f"{rank_prefix()}interrupted", file=sys.stderr, flush=True)
         return 130

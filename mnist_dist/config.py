@@ -105,6 +105,15 @@ class TrainConfig:
                             "--target-accuracy (0 = only at epoch ends)")
     target_accuracy: float = _f(0.99, "test accuracy whose first reaching is timed (summary.json "
                                       "seconds_to_target, steps_to_target)")
+    # --- diagnostics (mnist_dist/diagnostics/, loop/profile.py, outputs/tensorboard.py) ---
+    skip_network_check: bool = _f(False, "skip the start-up network check under a launcher (a small all_reduce "
+                                         "and a short bandwidth probe, recorded in config.json)")
+    profile: bool = _f(False, "torch.profiler on every rank over the --profile-steps window: "
+                              "<out-dir>/profile/rank-N.pt.trace.json, a top-ops table, summary.json 'profile'")
+    profile_steps: str = _f("5,5,10", "--profile: WAIT,WARMUP,ACTIVE optimizer steps of the profiler schedule")
+    tensorboard: bool = _f(False, "rank 0 writes <out-dir>/tensorboard/: metrics.jsonl's keys, batch_loss/lr "
+                                  "every --log-every steps, the config as hparams, the pictures (needs the "
+                                  "`tensorboard` extra)")
     # --- engine (issue 7) ---
     engine: str = _f("ddp", "ddp: our own DDP loop | accelerate: the same loop, data order, metrics and "
                             "outputs, with accelerate.Accelerator doing device placement, DDP, "
@@ -239,3 +248,6 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
         raise UserError(f"--aug-scale must be in [0, 1), got {cfg.aug_scale}")
     if not 0.0 < cfg.target_accuracy <= 1.0:
         raise UserError(f"--target-accuracy must be in (0, 1], got {cfg.target_accuracy}")
+    from .diagnostics.options import validate_diagnostics  # --profile-steps, --tensorboard's package
+
+    validate_diagnostics(cfg)

@@ -237,6 +237,33 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# ----------------------------------------------------------------------------- checks that name ranks
+def checked_barrier(env: DistEnv, timeout_s: float) -> None:
+    """A barrier that names the ranks that did not arrive (at start-up, epoch ends, before checkpoints).
+
+    gloo: ``monitored_barrier(wait_all_ranks=True)``; rank 0 fails with "Ranks 1, 3 failed to pass
+    monitoredBarrier in 20000 ms", the others with a timeout (its deadline must be given: without
+    one it would be torch's 30-minute default, not the group's). NCCL: a plain barrier (the Flight
+    Recorder names absentees there, see diagnostics/flight.py)."""
+    if not env.distributed:
+        return
+    if env.backend == "gloo":
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
+    else:
+        env.barrier()
+
+
+def network_check(env: DistEnv, timeout_s: float) -> dict[str, Any] | None:
+    """Start-up check under a launcher: a checked barrier, one small all_reduce whose sum is verified,
+    a short bandwidth probe and the socket interface (``diagnostics/network.py``). None: one process."""
+    if not env.distributed:
+        return None
+    from .diagnostics.network import probe
+
+    checked_barrier(env, timeout_s)
+    return probe(env.rank, env.world_size, env.device, env.backend or "gloo")
+
+
 # ----------------------------------------------------------------------------- collectives
 def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """In-place SUM over ranks (no-op for a plain single process)."""

@@ -13,6 +13,7 @@ class UserError(Exception):
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
 EXIT_STOPPED = 3  # a stop signal was handled: a checkpoint was saved; resume with --resume auto
+EXIT_RANK_FAILURE = 4  # a collective failed or timed out (a rank was lost); report in <out-dir>/debug/
 
 
 class StopTraining(Exception):
@@ -22,3 +23,8 @@ class StopTraining(Exception):
         super().__init__(f"stopped by signal {signum}")
         self.signum = signum
         self.checkpoint = checkpoint
+
+
+class RankFailure(Exception):
+    """A collective failed or timed out. The message is the report: its first line names the missing
+    rank(s); the next lines say where each rank was (diagnostics/watchdog.py). Exit code 4."""

@@ -21,7 +21,9 @@ from .checkpoint import files as checkpoint_files
 from .checkpoint.state import choose_resume
 from .config import TrainConfig, grad_accum_steps
 from .data.augment import build_batch_transform
-from .dist import DistEnv, broadcast_object, gather_objects
+from .diagnostics.network import describe as describe_network
+from .diagnostics.watchdog import Watchdog
+from .dist import DistEnv, broadcast_object, gather_objects, network_check
 from .engines.base import Engine
 from .engines.prepare import compile_model, configure_torch, prepare_model, uses_sync_batchnorm
 from .errors import UserError
@@ -110,20 +112,32 @@ def run_metadata(trainer: Trainer) -> dict[str, Any]:
 def fit(cfg: TrainConfig, engine: Engine,
         on_checkpoint: Callable[[str | None, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """``on_checkpoint``: see ``Trainer.on_checkpoint`` (a launcher that keeps checkpoints itself)."""
+    cfg.out_dir = broadcast_object(cfg.out_dir, engine.env)  # ranks may have made different default names
+    with Watchdog.start(cfg, engine.env) as watchdog:  # a lost rank is named (diagnostics/watchdog.py)
+        return _fit(cfg, engine, watchdog, on_checkpoint)
+
+
+def _fit(cfg: TrainConfig, engine: Engine, watchdog: Watchdog,
+         on_checkpoint: Callable[[str | None, dict[str, Any]], None] | None) -> dict[str, Any]:
     env = engine.env
-    cfg.out_dir = broadcast_object(cfg.out_dir, env)  # ranks may have made different default names
     run = RunDir(cfg.out_dir, enabled=env.is_main)
     run.create()
+    network = {"skipped": True} if cfg.skip_network_check else network_check(env, cfg.dist_timeout)
+    if network and not network.get("skipped"):
+        log(env, describe_network(network))
     trainer = build_trainer(cfg, engine)
     trainer.on_checkpoint = on_checkpoint
+    watchdog.watch(trainer.progress)
     resume_from = resume(trainer, run)
     p = trainer.progress
     p.joined_at(env.world_size)
     meta = run_metadata(trainer)
     meta["resumed_from"] = resume_from
+    meta["network"] = network
     run.write_config(meta)
     trainer.tracker = Tracker.start(cfg, env, meta, cfg.out_dir, resume_id=p.tracker_run_id)
     p.tracker_run_id = trainer.tracker.run_id
+    trainer.monitor.start(cfg, trainer, meta, resumed=resume_from is not None)  # --profile, --tensorboard
     log(env, f"run dir {cfg.out_dir}: model {cfg.model} ({meta['parameters']:,} parameters), "
              f"world size {env.world_size}, {env.device}, backend {env.backend or 'none'}, "
              f"amp {trainer.precision.name}, global batch {cfg.batch_size}")
@@ -138,8 +152,10 @@ def fit(cfg: TrainConfig, engine: Engine,
         trainer.stop.restore()
 
     summary = build_summary(trainer, test, warmup_seconds)
+    summary.update(trainer.monitor.summary(env))  # --profile's per-step breakdown (a collective)
     predicted = final_predictions(test, len(trainer.test_labels), env) if cfg.plots else None
     env.barrier()  # after the last collective: from here rank 0 works alone and the others may leave
+    watchdog.disarm()
     if env.is_main:
         faults.maybe_fail("epilogue", p.global_step)
         run.save_weights(trainer.model)
@@ -147,6 +163,7 @@ def fit(cfg: TrainConfig, engine: Engine,
         log(env, f"done: test accuracy {test.accuracy:.2%} ({test.correct}/{test.total}) in "
                  f"{p.train_seconds:.1f}s of training; summary in {run.path / 'summary.json'}")
         write_final_outputs(cfg.out_dir, cfg, trainer.model, trainer.test_labels, predicted)
+        trainer.monitor.finish(summary, meta)  # --tensorboard: hparams and pictures
         trainer.tracker.finish(summary, cfg.out_dir)
     return summary
 
@@ -194,8 +211,10 @@ def train_epochs(trainer: Trainer, run: RunDir, show_progress: bool) -> EvalResu
             "global_step": p.global_step,
             "world_size": env.world_size,
         }
+        record.update(trainer.monitor.epoch_record(env, seconds))  # peak memory, data wait (a collective)
         run.append_metrics(record)
         trainer.tracker.log_epoch(record, p.global_step)
+        trainer.monitor.log_epoch(record, p.global_step)
         log(env, f"epoch {epoch + 1}/{cfg.epochs}  train_loss {loss:.4f}  train_acc {accuracy:.2%}  "
                  f"test_loss {test.loss:.4f}  test_acc {test.accuracy:.2%} "
                  f"({test.correct}/{test.total})  {record['images_per_second']:,.0f} img/s  "

@@ -96,13 +96,13 @@ def test_cycle_finder_names_a_cycle(tmp_path):
 
 def test_default_run_imports_no_optional_packages(mnist_root, tmp_path):
     """A default run without pictures and export imports none of torchvision, matplotlib, wandb,
-    accelerate, ray, optuna or yaml (each costs start-up seconds it does not use), nor our Ray
-    launcher: every import of the real process is listed by ``python -X importtime``. (torch._dynamo is not on the list: torch.optim's optimizers
+    accelerate, tensorboard, ray, optuna or yaml (each costs start-up seconds it does not use), nor our
+    Ray launcher: every import of the real process is listed by ``python -X importtime``. (torch._dynamo is not on the list: torch.optim's optimizers
     import it on construction, ~1.6 s here, in every torch training script.)"""
     proc = ok(python("-X", "importtime", str(REPO / "train_ddp.py"), "--data-dir", str(mnist_root),
                      "--out-dir", str(tmp_path / "run"), "--max-steps", "2", *QUIET, timeout=180))
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert "torch" in imported and "mnist_dist.train" in imported, "importtime listed nothing"
-    optional = ("torchvision", "matplotlib", "wandb", "accelerate", "ray", "optuna", "yaml")
+    optional = ("torchvision", "matplotlib", "wandb", "accelerate", "tensorboard", "ray", "optuna", "yaml")
     heavy = sorted(m for m in imported if m.split(".")[0] in optional or m.startswith("mnist_dist.launchers"))
     assert not heavy, f"the default path imported {heavy}"

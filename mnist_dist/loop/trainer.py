@@ -19,13 +19,14 @@ import torch.nn.functional as F
 from .. import faults
 from ..checkpoint import state as checkpoint_state
 from ..config import TrainConfig
-from ..dist import DistEnv, synchronize
+from ..dist import DistEnv, checked_barrier, synchronize
 from ..engines.base import Engine
 from ..engines.prepare import average_buffers
 from ..errors import StopTraining
 from ..outputs.tracking import Tracker
 from .evaluate import EvalResult, TrainSums, evaluate
 from .lagged import LaggedRead
+from .monitor import Monitor
 from .optim import planned_steps, rewind_schedule
 from .progress import Progress
 from .stopping import StopRequest, signal_name
@@ -61,6 +62,7 @@ class Trainer:
     progress: Progress = field(default_factory=Progress)  # where the run is; saved in checkpoints
     stop: StopRequest = field(default_factory=StopRequest)
     tracker: Tracker = field(default_factory=Tracker)  # wandb on rank 0, else a no-op
+    monitor: Monitor = field(default_factory=Monitor)  # data wait, peak memory; --profile, --tensorboard
     epoch_started: float = 0.0  # perf_counter() when this process started the epoch in progress
     rewound: int = 0  # fp16 steps the GradScaler skipped that were taken back from the LR schedule
     skip_reader: LaggedRead | None = None
@@ -121,6 +123,7 @@ class Trainer:
                                                 self.epoch_started, p.global_step)
             self.record_evaluation(result, seconds_now, "step")
         self.tracker.log_step(p.global_step, loss, self.optimizer)  # syncs only when wandb is on
+        self.monitor.after_step(p.global_step, loss, self.optimizer)  # --profile, --tensorboard (else nothing)
         faults.maybe_fail("step", p.global_step)
         if cfg.checkpoint_every and p.global_step % cfg.checkpoint_every == 0:
             self.save_checkpoint()
@@ -137,10 +140,12 @@ class Trainer:
         if p.sums is None:
             p.sums = TrainSums(self.env.device)
         bar = progress_bar(len(self.batches) - start_step, f"epoch {epoch + 1}/{cfg.epochs}", show_progress)
+        self.monitor.start_epoch(self.env.device)
         synchronize(self.env.device)
         p.clock.start_epoch()
         started = self.epoch_started = time.perf_counter()
-        for step, (x, y) in enumerate(self.batches.epoch(epoch, start_step), start=start_step):
+        batches = self.monitor.batches(self.batches.epoch(epoch, start_step))  # times the data wait
+        for step, (x, y) in enumerate(batches, start=start_step):
             if self.finished:
                 break
             loss = self.train_batch(x, y, epoch, step)
@@ -150,6 +155,7 @@ class Trainer:
         synchronize(self.env.device)
         seconds = p.epoch_seconds + p.clock.end_epoch(time.perf_counter() - started)
         bar.close()
+        checked_barrier(self.env, cfg.dist_timeout)  # names the ranks that did not reach the epoch's end
         self.reconcile_schedule()
         self.stop_if_requested()
         loss, accuracy, images = p.sums.reduce(self.env)
@@ -193,6 +199,7 @@ class Trainer:
     def save_checkpoint(self, metrics: dict[str, Any] | None = None) -> str | None:
         """Collective: every rank contributes its RNG state; rank 0 writes; all wait for the file.
         ``metrics`` (the epoch's record at an epoch end) go to ``on_checkpoint`` with the path."""
+        checked_barrier(self.env, self.cfg.dist_timeout)  # names the ranks that did not come
         self.reconcile_schedule()  # the saved schedule counts exactly the optimizer steps taken
         path = checkpoint_state.save(self)
         if self.on_checkpoint is not None:

@@ -44,11 +44,11 @@ def validate_tracking(cfg) -> None:
             raise UserError(f"WANDB_MODE={env_mode!r} is not one of {', '.join(WANDB_MODES)}")
 
 
-def require(package: str, flag: str) -> None:
+def require(package: str, flag: str, extra: str = "track") -> None:
     """A clear error when ``flag`` needs an optional package that is not installed."""
     if importlib.util.find_spec(package) is None:
         raise UserError(f"{flag} needs the Python package {package!r}, which is not installed; "
-                        f"install it with `pip install 'mnist-dist[track]'` (or `pip install {package}`)")
+                        f"install it with `pip install 'mnist-dist[{extra}]'` (or `pip install {package}`)")
 
 
 def notice(message: str) -> None:

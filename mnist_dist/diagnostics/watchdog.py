@@ -1,0 +1,298 @@
+"""Every rank watches itself; a lost rank is named.
+
+``train.fit`` runs inside ``Watchdog.start(cfg, env)``. For the run, on every rank:
+
+* ``<out-dir>/debug/rank-N.txt`` is open, and ``kill -USR2 <pid>`` makes ``faulthandler`` write all
+  of that rank's Python stacks into it (C code: works while the rank is blocked inside a collective;
+  training continues). Fatal signals (SIGABRT from NCCL's watchdog, SIGSEGV) write there too.
+* Under a launcher, a thread samples where the main thread is (its innermost ``mnist_dist`` frame and
+  the step) every half second and publishes a heartbeat every ``--dist-timeout``/10 s
+  (``heartbeat.py``). When the main thread makes no progress for 90% of ``--dist-timeout`` it
+  writes a stall dump (header + all stacks + Flight Recorder) and one warning line.
+* When a collective fails (gloo's timeout, a peer that closed its connection, a monitored barrier
+  that names absentees), the failure is turned into a report: which ranks are missing (their
+  heartbeat is old or does not advance; or the barrier named them), where each rank was (its last
+  heartbeat), where this rank was (the exception's stack); written into ``rank-N.txt`` /
+  ``rank-N.json`` with this rank's Flight Recorder dump, and raised as ``RankFailure`` (one
+  ``error:`` line plus the report, exit code 4). SIGTERM is ignored while the report is written
+  (a few seconds): torchrun sends it the moment another rank fails.
+
+Nothing here runs in the training step: the cost is one thread waking twice a second.
+``python -m mnist_dist doctor --run-dir DIR`` summarises ``DIR/debug/`` for all ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import faulthandler
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import RankFailure, StopTraining
+from . import flight
+from .heartbeat import HeartbeatStore, classify, heartbeat_interval
+from .stacks import HEADER, collective, describe, phase, thread_frames, traceback_frames
+
+STALL_FRACTION = 0.9  # of --dist-timeout without progress: dump the stacks
+_FAILURE = re.compile(r"timed out|timeout|connection (closed|reset|refused)|broken pipe|monitoredbarrier|"
+                      r"nccl|gloo|peer", re.IGNORECASE)
+_BARRIER_NAMES = re.compile(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier")
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """torch's distributed errors, and gloo's RuntimeErrors raised inside a collective (a timeout, a
+    closed connection, a monitored barrier) — not, say, a DataLoader's timeout."""
+    import torch.distributed as dist
+
+    if isinstance(exc, dist.DistError):
+        return True
+    return (isinstance(exc, RuntimeError) and bool(_FAILURE.search(str(exc)))
+            and collective(traceback_frames(exc)) is not None)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|hpp|h):\d+\]\s*", "", text)  # gloo's source location
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+class Watchdog:
+    def __init__(self, cfg: Any, env: Any) -> None:
+        self.env, self.timeout = env, float(cfg.dist_timeout)
+        self.interval = heartbeat_interval(self.timeout)
+        self.out_dir = Path(cfg.out_dir)
+        self.debug_dir = self.out_dir / "debug"
+        self.txt = self.debug_dir / f"rank-{env.rank}.txt"
+        self.json = self.debug_dir / f"rank-{env.rank}.json"
+        self.progress: Any = None
+        self.armed, self.state, self.beat = True, "running", 0
+        self.failed_at: list | None = None  # the failure's frames: what this rank's last heartbeats say
+        self.store: HeartbeatStore | None = None
+        self.events: list[dict[str, Any]] = []
+        self.identity = {"rank": env.rank, "pid": os.getpid(), "host": socket.gethostname()}
+        self.attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        self._fh: Any = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._faulthandler_enabled = False
+
+    # ------------------------------------------------------------------ life cycle
+    @classmethod
+    def start(cls, cfg: Any, env: Any) -> "Watchdog":
+        watchdog = cls(cfg, env)
+        try:
+            previous = json.loads(watchdog.json.read_text()) if watchdog.json.is_file() else {}
+            watchdog.events = list(previous.get("events", []))  # an earlier attempt's (restart, --resume)
+        except (OSError, ValueError):
+            pass
+        try:
+            watchdog.debug_dir.mkdir(parents=True, exist_ok=True)
+            watchdog._fh = open(watchdog.txt, "ab", buffering=0)
+        except OSError as exc:
+            print(f"notice: no stack dumps for rank {env.rank}: cannot write {watchdog.txt} ({exc.strerror})",
+                  file=sys.stderr, flush=True)
+            return watchdog
+        if hasattr(signal, "SIGUSR2"):
+            faulthandler.register(signal.SIGUSR2, file=watchdog._fh, all_threads=True, chain=False)
+        if env.distributed:
+            if not faulthandler.is_enabled():
+                faulthandler.enable(file=watchdog._fh, all_threads=True)
+                watchdog._faulthandler_enabled = True
+            flight.point_dumps_at(str(watchdog.out_dir))
+            watchdog.store = HeartbeatStore.connect(env.rank, timeout_s=min(10.0, max(2.0, watchdog.timeout / 2)))
+            watchdog._publish(thread_frames())
+            watchdog._thread = threading.Thread(target=watchdog._run, name="mnist-dist-watchdog", daemon=True)
+            watchdog._thread.start()
+        return watchdog
+
+    def watch(self, progress: Any) -> None:
+        """From now on, positions (epoch, step) come from the loop's ``Progress``."""
+        self.progress = progress
+
+    def disarm(self) -> None:
+        """After the ranks' last barrier: rank 0 works alone; no stall dumps, peers see 'done'."""
+        self.armed, self.state = False, "done"
+        if self.store is not None:
+            self._publish(thread_frames())
+
+    def __enter__(self) -> "Watchdog":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        report = None
+        try:
+            if exc is not None and self.env.distributed and is_collective_failure(exc):
+                report = self.report_failure(exc)
+            elif exc is not None and self.store is not None:  # tell the peers, who are about to fail
+                stopped = isinstance(exc, (StopTraining, KeyboardInterrupt))
+                self.state = "stopped" if stopped else "failed"
+                self.failed_at = None if stopped else traceback_frames(exc)
+                self._publish(thread_frames())
+        except Exception as inner:  # noqa: BLE001 - the original failure matters more than the report's
+            print(f"[rank {self.env.rank}] notice: the failure report failed too ({first_line(inner)})",
+                  file=sys.stderr, flush=True)
+        finally:
+            self.close()
+        if report is not None:
+            raise RankFailure(report) from exc
+        return False
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.interval + 1.0)
+        if self._fh is None:
+            return
+        if hasattr(signal, "SIGUSR2"):
+            faulthandler.unregister(signal.SIGUSR2)
+        if self._faulthandler_enabled:
+            faulthandler.disable()
+        self._fh.close()
+        self._fh = None
+        try:  # a run that needed no dump leaves no debug/ behind
+            if self.txt.stat().st_size == 0:
+                self.txt.unlink()
+                self.debug_dir.rmdir()
+        except OSError:
+            pass  # another rank's files are there
+
+    # ------------------------------------------------------------------ positions and heartbeats
+    def position(self) -> dict[str, Any]:
+        p = self.progress
+        if p is None:
+            return {}
+        return {"epoch": p.epoch + 1, "step": p.step_in_epoch, "global_step": p.global_step}
+
+    @staticmethod
+    def position_text(pos: dict[str, Any]) -> str:
+        if "epoch" not in pos:
+            return "start-up"
+        return f"epoch {pos['epoch']} step {pos['step']} (global step {pos['global_step']})"
+
+    def _publish(self, frames: list) -> None:
+        if self.store is None:
+            return
+        self.beat += 1
+        frames = self.failed_at or frames
+        self.store.publish({**self.identity, "beat": self.beat, "time": time.time(), "state": self.state,
+                            "where": describe(frames), "phase": phase(frames), **self.position()})
+
+    def _run(self) -> None:
+        last: Any = None
+        since = time.monotonic()
+        next_beat = since + self.interval
+        stalled = False
+        while not self._stop.wait(min(0.5, self.interval)):
+            frames = thread_frames()
+            sample = (tuple(self.position().values()), describe(frames))
+            now = time.monotonic()
+            if sample != last:
+                last, since, stalled = sample, now, False
+            elif self.armed and not stalled and now - since >= STALL_FRACTION * self.timeout:
+                stalled = True
+                self.on_stall(now - since, frames)
+            if now >= next_beat:
+                self._publish(frames)
+                next_beat = now + self.interval
+
+    # ------------------------------------------------------------------ dumps and reports
+    def _write(self, text: str, stacks: bool = True) -> None:
+        if self._fh is None:
+            return
+        with self._lock:
+            self._fh.write(text.encode())
+            if stacks:
+                faulthandler.dump_traceback(file=self._fh, all_threads=True)
+            self._fh.write(b"\n")
+
+    def _record(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        if self._fh is None:
+            return
+        event["attempt"] = self.attempt
+        doc = {**self.identity, "world_size": self.env.world_size, "backend": self.env.backend,
+               "dist_timeout": self.timeout, "events": self.events}
+        tmp = self.json.with_name(self.json.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        os.replace(tmp, self.json)
+
+    def _header(self, what: str) -> str:
+        stamp = datetime.datetime.now().isoformat(timespec="seconds")
+        return (f"{HEADER}rank {self.env.rank} (pid {self.identity['pid']} on {self.identity['host']}) "
+                f"{stamp}: {what}\n")
+
+    def on_stall(self, seconds: float, frames: list) -> None:
+        pos, where = self.position(), describe(frames)
+        peers = self.store.read(self.env.world_size) if self.store is not None else {}
+        status = classify(peers, None, self.env.rank, stale_after=3 * self.interval)
+        self._write(self._header(f"no progress for {seconds:.1f} s (--dist-timeout {self.timeout:g} s) at "
+                                 f"{self.position_text(pos)}: {where}"))
+        flight.dump(self.debug_dir, self.env.rank)
+        self._record({"kind": "stall", "time": time.time(), "seconds": seconds, "where": where,
+                      "phase": phase(frames), **pos, "peers": peers, "status": status})
+        print(f"[rank {self.env.rank}] warning: no progress for {seconds:.0f} s at {self.position_text(pos)}: "
+              f"{where}; stacks in {self.txt}", file=sys.stderr, flush=True)
+
+    def report_failure(self, exc: BaseException) -> str:
+        """The report of a failed collective (see the module docstring); returns its text."""
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            return self._report(exc)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _report(self, exc: BaseException) -> str:
+        self.armed, self.state = False, "failed"
+        frames = self.failed_at = traceback_frames(exc)
+        where, pos, stale = describe(frames), self.position(), 3 * self.interval
+        self._publish(frames)
+        peers = self.store.read(self.env.world_size) if self.store is not None else {}
+        status = classify(peers, None, self.env.rank, stale)
+        if "alive" in status.values():  # a fresh beat may still be a rank that just died: does it advance?
+            time.sleep(1.5 * self.interval + 0.5)
+            later = self.store.read(self.env.world_size) if self.store is not None else {}
+            status = classify(peers, later, self.env.rank, stale)
+            peers = {r: later.get(r) or peers.get(r) for r in peers}
+        named = _BARRIER_NAMES.search(str(exc))
+        barrier = {int(r) for r in named.group(1).replace(" ", "").split(",") if r} if named else set()
+        for rank in barrier:
+            status[rank] = "missing"
+        missing = sorted(r for r, s in status.items() if s == "missing")
+        message = first_line(exc)
+        named_missing = ", ".join(f"rank {r}" for r in missing) if missing else "no rank found missing"
+        lines = [f"{'missing: ' if missing else ''}{named_missing}; a collective failed on rank {self.env.rank} at "
+                 f"{self.position_text(pos)}, in {where}: {message}"]
+        for rank in sorted(status):
+            beat = peers.get(rank) or {}
+            who = f"rank {rank}" + (f" (pid {beat['pid']} on {beat['host']})" if beat else "")
+            if not beat:
+                lines.append(f"{who}: {status[rank]}, no heartbeat ever seen")
+                continue
+            seen = f"{self.position_text(beat)}, in {beat.get('where')}"
+            if status[rank] == "missing" and rank in barrier and beat["age"] <= stale:
+                lines.append(f"{who}: MISSING from the barrier, yet alive (heartbeat {beat['age']:.1f} s ago): "
+                             f"stuck at {seen}")
+            elif status[rank] == "missing":
+                lines.append(f"{who}: MISSING, last heartbeat {beat['age']:.1f} s ago at {seen}")
+            else:
+                lines.append(f"{who}: {status[rank]}, at {seen}")
+        if self.store is None or self.store.error:
+            lines.append(f"(heartbeats unavailable: {self.store.error if self.store else 'no launcher store'})")
+        lines.append(f"stacks: {self.txt}; every rank: python -m mnist_dist doctor --run-dir {self.out_dir}")
+        self._write(self._header(f"collective failed at {self.position_text(pos)}, in {where}") +
+                    "".join(f"  {line}\n" for line in lines) + "Traceback of the failure:\n" +
+                    "".join(f"  {f[0]}:{f[1]} in {f[2]}\n" for f in frames) + "All threads now:\n")
+        flight.dump(self.debug_dir, self.env.rank)
+        self._record({"kind": "failure", "time": time.time(), "error": message, "where": where,
+                      "phase": phase(frames), **pos, "missing": missing, "status": status, "peers": peers,
+                      "heartbeat_error": self.store.error if self.store else "no launcher store"})
+        return "\n".join(lines)
