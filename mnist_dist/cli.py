@@ -188,12 +188,15 @@ def record(fn: Callable[..., Any]) -> Callable[..., Any]:
 def mark_stopped(stop: StopTraining) -> None:
     """Under a launcher exit code 3 is lost (torchrun exits 1 when a rank fails): a launcher that needs
     to know that the ranks stopped on a signal with a checkpoint (slurm/train.sbatch, to requeue) sets
-    $MNIST_DIST_STOP_FILE, and every rank that stops writes the checkpoint's path there."""
+    $MNIST_DIST_STOP_FILE: every rank that stops creates it, and rank 0 (the only one that knows the
+    path: it alone writes checkpoints) writes the checkpoint's path into it; the others only create it,
+    so they cannot blank the path whichever rank comes last."""
     path = os.environ.get("MNIST_DIST_STOP_FILE")
     if path:
         try:
-            with open(path, "w") as fh:
-                fh.write(f"{stop.checkpoint or ''}\n")
+            with open(path, "w" if stop.checkpoint else "a") as fh:
+                if stop.checkpoint:
+                    fh.write(f"{stop.checkpoint}\n")
         except OSError as exc:
             print(f"{rank_prefix()}warning: cannot write $MNIST_DIST_STOP_FILE {path}: {exc.strerror}",
                   file=sys.stderr, flush=True)
