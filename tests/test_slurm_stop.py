@@ -211,4 +211,4 @@ def test_plain_scancel_cancels_instead_of_requeueing(cluster, job_dirs, mnist_ro
     time.sleep(cluster.cred_expire + 5)  # a requeued job would be pending or running again by now
     queue = cluster.run("squeue", "-h", "-j", jid, "-o", "%T", check=False).stdout.strip()
     log = job_log(logs, jid)
-    assert "requeueing" not in log and "start #2" not in log and queue == "", f"{queue}\n{log}"
+    assert "requeueing job" not in log and "start #2" not in log and queue == "", f"{queue}\n{log}"

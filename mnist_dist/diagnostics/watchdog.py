@@ -84,6 +84,7 @@ class Watchdog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._faulthandler_enabled = False
+        self._made_out_dir = False  # this rank made the run directory (a node without shared storage)
 
     # ------------------------------------------------------------------ life cycle
     @classmethod
@@ -95,6 +96,7 @@ class Watchdog:
         except (OSError, ValueError):
             pass
         try:
+            watchdog._made_out_dir = not watchdog.out_dir.exists()
             watchdog.debug_dir.mkdir(parents=True, exist_ok=True)
             watchdog._fh = open(watchdog.txt, "ab", buffering=0)
         except OSError as exc:
@@ -162,6 +164,8 @@ class Watchdog:
             if self.txt.stat().st_size == 0:
                 self.txt.unlink()
                 self.debug_dir.rmdir()
+                if self._made_out_dir:  # nothing of the run lives on this node (rank 0's node has it)
+                    self.out_dir.rmdir()
         except OSError:
             pass  # another rank's files are there
 
@@ -244,6 +248,8 @@ class Watchdog:
 
     def report_failure(self, exc: BaseException) -> str:
         """The report of a failed collective (see the module docstring); returns its text."""
+        if threading.current_thread() is not threading.main_thread():  # Ray runs training in a thread,
+            return self._report(exc)  # where signal handlers cannot be set
         previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             return self._report(exc)

@@ -153,6 +153,9 @@ class SlurmLauncher:
             f'TRIAL_DIR=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(str(listing))})',
             'mapfile -t ARGS < "$TRIAL_DIR/args"',
             'echo "[sweep] array task $SLURM_ARRAY_JOB_ID"_"$SLURM_ARRAY_TASK_ID: trial dir $TRIAL_DIR"',
+            "# a task the sweep stops (stop()) is not requeued by train.sbatch: the sweep resubmits it when",
+            "# it continues; a scheduler's preemption still requeues it",
+            f'export NO_REQUEUE_FILE={shlex.quote(str(self.dir))}/stop-"$SLURM_ARRAY_JOB_ID"_"$SLURM_ARRAY_TASK_ID"',
             "# a rendezvous port free on this (the first) node: tasks of one array may share a host",
             'if [[ -z "${RDZV_PORT:-}" ]]; then',
             '  RDZV_PORT=$("${PYTHON:-python3}" -c \'import socket; s = socket.socket(); s.bind(("", 0)); '
@@ -214,7 +217,10 @@ class SlurmLauncher:
         return None  # without accounting SLURM forgets exit codes; the run directory tells
 
     def stop(self, run: TrialRun) -> None:
-        """SIGTERM to the task's steps (torchrun and its ranks): they checkpoint and stop."""
+        """SIGTERM to the task's steps (torchrun and its ranks): they checkpoint and stop; the marker
+        keeps train.sbatch from requeueing the task (the sweep resubmits it when it continues)."""
+        if run.job:
+            (self.dir / f"stop-{run.job}").touch()
         subprocess.run(["scancel", "--signal=TERM", run.job or ""], capture_output=True, timeout=60,
                        stdin=subprocess.DEVNULL)
 
