@@ -36,6 +36,7 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out / "model.pt", weights_only=True, map_location="cpu")
 
 
+@pytest.mark.slow
 def test_both_engines_two_ranks_same_seed_reach_the_target_with_the_same_weights(mnist_root, tmp_path):
     """Same seed, same sampler order, same DDP all-reduce: the engines differ only in who wraps the
     model and calls backward, so on the CPU (fp32) they produce bit-identical weights."""
@@ -59,6 +60,7 @@ def test_both_engines_two_ranks_same_seed_reach_the_target_with_the_same_weights
         read_json(runs["accelerate"] / "summary.json")["test_correct"]
 
 
+@pytest.mark.slow
 def test_accelerate_engine_evaluation_is_exact_at_world_size_3(mnist_root, tmp_path):
     """10,000 does not divide by 3: a padded sampler would count duplicates. Our shards over the
     process group that accelerate created give exactly 10,000 images and the same correct count as
@@ -76,6 +78,7 @@ def test_accelerate_engine_evaluation_is_exact_at_world_size_3(mnist_root, tmp_p
     assert single["test_correct"] == summary["test_correct"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ddp", "accelerate"])
 def test_accelerate_launch_starts_two_real_processes(engine, mnist_root, tmp_path):
     out = tmp_path / engine
@@ -90,6 +93,7 @@ def test_accelerate_launch_starts_two_real_processes(engine, mnist_root, tmp_pat
     assert not (tmp_path / "hf" / "accelerate").exists(), "accelerate wrote a config file"
 
 
+@pytest.mark.slow
 def test_accelerate_launch_mixed_precision_flag_reaches_the_engine(mnist_root, tmp_path):
     """--amp auto + `accelerate launch --mixed_precision bf16` → bf16 autocast through Accelerator
     (works on the CPU); an explicit --amp would win over the launcher flag."""
@@ -129,6 +133,7 @@ def test_accelerate_engine_bad_input(args, env, needle, tmp_path):
 RESUME_FLAGS = ["--batch-size", "4000", "--epochs", "2", "--checkpoint-every", "5", *QUIET]
 
 
+@pytest.mark.slow
 def test_accelerate_engine_resume_after_a_crash_is_bitwise_exact(mnist_root, tmp_path):
     """Our checkpoint format under the accelerate engine: the raw module, the plain optimizer and
     scheduler, accelerator's scaler (or the disabled one), every rank's RNG. A crash at step 22 and

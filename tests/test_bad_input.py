@@ -98,6 +98,7 @@ def test_unwritable_out_dir(tmp_path, mnist_root):
     ("no-config", "config.json is missing"),
     ("no-dir", "does not exist"),
 ])
+@pytest.mark.slow
 def test_evaluate_rejects_bad_run_dirs(trained_run, mnist_root, tmp_path, damage, needle):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)

@@ -44,6 +44,7 @@ def straight_run(mnist_root, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_checkpoints_are_complete_and_pruned(straight_run):
     names = [p.name for p in checkpoint.list_checkpoints(straight_run)]
     assert names == ["step-00000020.pt", "step-00000025.pt", "step-00000030.pt"], "--keep 3 (default)"
@@ -57,6 +58,7 @@ def test_checkpoints_are_complete_and_pruned(straight_run):
     assert not list((straight_run / "checkpoints").glob(".*tmp*")), "no temporary files left"
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_is_bitwise_exact(straight_run, mnist_root, tmp_path):
     out = tmp_path / "run"
     env = child_env(MNIST_DIST_FAULT="raise,rank=0,step=22")
@@ -76,6 +78,7 @@ def test_resume_after_a_crash_is_bitwise_exact(straight_run, mnist_root, tmp_pat
     assert read_jsonl(out / "metrics.jsonl") [-1]["train_loss"] == read_jsonl(straight_run / "metrics.jsonl")[-1]["train_loss"]
 
 
+@pytest.mark.slow
 def test_elastic_restart_after_sigkill_resumes_by_itself(straight_run, mnist_root, tmp_path):
     """Rank 1 SIGKILLs itself mid-epoch on the first attempt only; torchrun restarts the group."""
     out = tmp_path / "run"
@@ -86,6 +89,7 @@ def test_elastic_restart_after_sigkill_resumes_by_itself(straight_run, mnist_roo
     assert_bitwise_equal(straight_run, out)
 
 
+@pytest.mark.slow
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(straight_run, mnist_root, tmp_path):
     out = tmp_path / "run"
     env = child_env(MNIST_DIST_FAULT="kill,point=checkpoint-rename,rank=0,step=20")
@@ -100,6 +104,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(straight_run, m
     assert_bitwise_equal(straight_run, out)
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back_with_a_warning(straight_run, mnist_root, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(straight_run, out)
@@ -129,6 +134,7 @@ def test_explicit_bad_checkpoint_is_one_clear_error(straight_run, mnist_root, tm
     assert_one_line_error(proc, needle, str(bad))
 
 
+@pytest.mark.slow
 def test_mid_epoch_checkpoint_resumes_at_another_world_size_but_not_with_other_flags(
         straight_run, mnist_root, tmp_path):
     """Issue 14: the data position is world-size free, so a 2-rank mid-epoch checkpoint resumes in
@@ -162,6 +168,7 @@ def _worker_pids(agent_pid: int) -> dict[int, int]:
     return found
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step(straight_run, mnist_root, tmp_path):
     out = tmp_path / "run"
     port = free_port()
@@ -239,6 +246,7 @@ def test_sigterm_to_the_whole_job_with_dataloader_workers_still_checkpoints(mnis
     assert stop_file.read_text().strip() == str(newest)
 
 
+@pytest.mark.slow
 def test_a_rank_raising_ends_the_job_promptly(mnist_root, tmp_path):
     started = time.monotonic()
     env = child_env(MNIST_DIST_FAULT="raise,rank=1,step=3")
@@ -249,6 +257,7 @@ def test_a_rank_raising_ends_the_job_promptly(mnist_root, tmp_path):
     assert "rank      : 1" in proc.stderr or "rank: 1" in proc.stderr.replace("  ", ""), proc.stderr
 
 
+@pytest.mark.slow
 def test_plain_process_sigint_checkpoints_and_exits_3(mnist_root, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, *train_flags(mnist_root, out), "--stop-check-every", "1"],

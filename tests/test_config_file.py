@@ -3,6 +3,8 @@ one ``error:`` line, and a run's own config.json reproduces the run (real runs, 
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import QUIET, TRAIN_SCRIPT, assert_one_line_error, ok, python, read_json, read_jsonl
 
 from mnist_dist.cli import parse_train_args
@@ -29,6 +31,7 @@ def test_toml_yaml_json_set_flags_and_explicit_flags_win(tmp_path):
     assert (cfg.epochs, cfg.weight_decay) == (3, 0.0) and isinstance(cfg.weight_decay, float)
 
 
+@pytest.mark.slow
 def test_bad_config_files_are_one_error_line(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('lr = 0.02\nepochs = "3"\nfoo = 1\nbatch-size = 2.5\nbetas = [0.9]\n')
@@ -60,6 +63,7 @@ def test_yaml_without_pyyaml_is_one_error_line(tmp_path):
     assert_one_line_error(proc, "YAML needs PyYAML")
 
 
+@pytest.mark.slow
 def test_run_config_json_reproduces_the_run(mnist_root, tmp_path):
     """Run A with non-default flags; ``--config A/config.json --out-dir B`` gives the same test_correct,
     the same per-epoch metrics and the same config (but its own run directory)."""

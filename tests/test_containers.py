@@ -209,6 +209,7 @@ def test_entrypoint_runs_other_commands_with_arguments_intact():
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["a b", "--x=1", "", "*"]
 
 
+@pytest.mark.slow
 def test_entrypoint_trains_one_rank_per_visible_gpu_then_evaluates(mnist_root, tmp_path):
     # two "visible GPUs" on a CPU machine: torchrun starts two ranks, which train on the CPU (gloo)
     out = tmp_path / "run"

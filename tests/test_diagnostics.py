@@ -201,6 +201,7 @@ def test_sigusr2_writes_a_ranks_stacks_and_training_continues_unchanged(mnist_ro
     assert all(r["address"] and r["host"] for r in network["ranks"]), network
 
 
+@pytest.mark.slow
 def test_network_check_names_the_interface_and_can_be_skipped(mnist_root, tmp_path):
     env = child_env(GLOO_SOCKET_IFNAME="lo")
     out = tmp_path / "lo"
@@ -218,6 +219,7 @@ def test_network_check_names_the_interface_and_can_be_skipped(mnist_root, tmp_pa
 
 
 # ----------------------------------------------------------------------------- --profile
+@pytest.mark.slow
 def test_profile_writes_traces_of_both_ranks_a_table_and_a_breakdown(mnist_root, tmp_path):
     out = tmp_path / "run"
     proc = ok(torchrun(2, str(TRAIN_SCRIPT), "--data-dir", str(mnist_root), "--out-dir", str(out),
@@ -247,6 +249,7 @@ def test_profile_writes_traces_of_both_ranks_a_table_and_a_breakdown(mnist_root,
 
 
 # ----------------------------------------------------------------------------- --tensorboard
+@pytest.mark.slow
 def test_tensorboard_event_files_match_metrics_jsonl(mnist_root, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -280,6 +283,7 @@ def test_tensorboard_event_files_match_metrics_jsonl(mnist_root, tmp_path):
     assert image.encoded_image_string == (out / "curves.png").read_bytes()
 
 
+@pytest.mark.slow
 def test_tensorboard_curves_do_not_fork_after_a_crash_and_resume(mnist_root, tmp_path):
     """Killed at step 25 (checkpoint at 20), resumed: the first attempt's point at 25 is purged."""
     pytest.importorskip("tensorboard")
@@ -318,6 +322,7 @@ def test_bad_profile_steps_is_one_error_line(value, tmp_path):
 
 
 # ----------------------------------------------------------------------------- per-epoch resources
+@pytest.mark.slow
 def test_epoch_records_carry_peak_memory_and_the_data_wait_split(trained_run, mnist_root, tmp_path):
     record = read_jsonl(trained_run / "metrics.jsonl")[-1]
     assert record["memory_kind"] == "peak_rss" and record["peak_memory_mb"] > 100  # a torch process on the CPU

@@ -30,6 +30,7 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- gradient accumulation
+@pytest.mark.slow
 def test_grad_accum_equals_more_ranks(mnist_root, tmp_path):
     """1 rank x K=2 and 2 ranks x K=1 (same global batch, same sample order): equal weights after
     20 steps up to float summation order. SGD (linear in the gradient) keeps that at ~1e-7."""
@@ -76,6 +77,7 @@ COUNT_ALL_REDUCES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ddp", "accelerate"])
 def test_one_gradient_all_reduce_per_optimizer_step(mnist_root, tmp_path, engine):
     if engine == "accelerate":
@@ -89,6 +91,7 @@ def test_one_gradient_all_reduce_per_optimizer_step(mnist_root, tmp_path, engine
     assert result == {"all_reduces": 6, "steps": 6, "grad_accum": 4, "engine": engine}
 
 
+@pytest.mark.slow
 def test_accelerate_engine_accumulates_like_ddp(mnist_root, tmp_path):
     pytest.importorskip("accelerate")
     common = ["--batch-size", "64", "--max-steps", "20", "--optimizer", "sgd", "--lr", "0.05",
@@ -99,6 +102,7 @@ def test_accelerate_engine_accumulates_like_ddp(mnist_root, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
+@pytest.mark.slow
 def test_grad_accum_auto_keeps_the_micro_batch_under_the_limit(mnist_root, tmp_path):
     ok(torchrun(2, *flags(mnist_root, tmp_path / "run", "--grad-accum", "auto", "--max-micro-batch", "50",
                           "--max-steps", "3")))
@@ -274,6 +278,7 @@ def test_resume_without_a_shared_filesystem(mnist_root, tmp_path):
 
 
 # ----------------------------------------------------------------------------- format versions
+@pytest.mark.slow
 def test_version_1_checkpoints_resume_and_newer_ones_are_refused(mnist_root, tmp_path):
     out = tmp_path / "run"
     common = ["--max-steps", "20", "--checkpoint-every", "10"]

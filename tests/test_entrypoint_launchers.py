@@ -72,6 +72,7 @@ def test_two_pytorchjob_pods_each_run_one_rank(mnist_root, tmp_path):
     assert summary["world_size"] == 2 and summary["launcher"] == "env" and summary["global_step"] == 10
 
 
+@pytest.mark.slow
 def test_trainjob_pet_variables_drive_torchrun(mnist_root, tmp_path):
     """One 'node' of a TrainJob: PET_NNODES=1, PET_NPROC_PER_NODE=2, PET_MASTER_*: the entrypoint's
     torchrun takes them (2 ranks from PET_NPROC_PER_NODE, none from its own GPU count)."""

@@ -49,6 +49,7 @@ def test_an_enabled_grad_scaler_resumes_from_a_disabled_ones_empty_state():
     assert restore_scaler(off, {"scaler": saved, "precision": "fp16"}) == "amp fp16 -> off"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("before, after", [("bf16", "off"), ("off", "bf16")])
 def test_resume_with_a_different_amp(mnist_root, tmp_path, before, after):
     out = tmp_path / "run"
@@ -85,6 +86,7 @@ def test_sync_batchnorm_is_opt_in():
 
 
 # ----------------------------------------------------------------------------- 5: rank 0's epilogue
+@pytest.mark.slow
 def test_rank0_slow_epilogue_outside_the_collective_window(mnist_root, tmp_path):
     """Rank 0 spends 20 s in its final writes with --dist-timeout 10: the others must not be waiting
     in a collective meanwhile (they used to wait in the last barrier, time out, and torchrun
@@ -101,6 +103,7 @@ def test_rank0_slow_epilogue_outside_the_collective_window(mnist_root, tmp_path)
 
 
 # ----------------------------------------------------------------------------- 6 + 15: one precision for all counts
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ddp", "accelerate"])
 def test_bf16_run_summary_evaluate_and_export_agree(mnist_root, tmp_path, engine):
     """Training in bf16: summary.json's test_correct, `mnist-dist evaluate` and model.pt2 (in a
@@ -131,6 +134,7 @@ def test_flags_refused_on_this_machine(mnist_root, tmp_path, args, needle):
     assert_one_line_error(proc, needle)
 
 
+@pytest.mark.slow
 def test_deterministic_run_is_reproducible(mnist_root, tmp_path):
     for name in ("a", "b"):
         ok(python(*flags(mnist_root, tmp_path / name, "--max-steps", "10", "--deterministic")))

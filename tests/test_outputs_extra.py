@@ -100,6 +100,7 @@ def test_exported_model_reproduces_test_correct_without_our_code(trained_run, mn
     check_export(trained_run, mnist_root)
 
 
+@pytest.mark.slow
 def test_seed_recipe_export_without_normalisation_and_core_without_matplotlib(mnist_root, tmp_path):
     """The seed recipe feeds raw [0, 1] pixels; and with matplotlib missing, training still succeeds."""
     out = tmp_path / "seed"
@@ -114,6 +115,7 @@ def test_seed_recipe_export_without_normalisation_and_core_without_matplotlib(mn
     check_export(out, mnist_root)
 
 
+@pytest.mark.slow
 def test_no_plots_no_export_flags(mnist_root, tmp_path):
     out = tmp_path / "bare"
     ok(python(str(TRAIN_SCRIPT), "--max-steps", "3", "--no-plots", "--no-export", "--data-dir",
@@ -244,6 +246,7 @@ PREDICT_UNDER_TORCHRUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_confusion_predictions_are_exact_at_world_size_3(trained_run, mnist_root, tmp_path):
     """10,000 does not divide by 3: contiguous shards + all_reduce still give every prediction once."""
     from conftest import torchrun

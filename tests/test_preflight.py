@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import assert_one_line_error, child_env, free_port, run
 
 NOT_OURS = "203.0.113.77"  # TEST-NET-3: documentation only, never assigned to a machine
@@ -39,6 +41,7 @@ def listening(port: int, proc: subprocess.Popen, seconds: float = 120) -> None:
             time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_first_node_and_two_others_meet_on_the_rendezvous_port(mnist_root):
     endpoint = f"127.0.0.1:{free_port()}"
     args = [*preflight(mnist_root, endpoint), "--token", "job7.0.123"]

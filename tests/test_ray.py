@@ -152,6 +152,7 @@ def test_failures_on_a_cluster_are_one_error_line(ray_cluster, mnist_root, tmp_p
                                     "RuntimeError: injected fault at step 3"), last["crash"]
 
 
+@pytest.mark.slow
 def test_bad_input_before_ray_starts(mnist_root, tmp_path):
     out = ["--data-dir", str(mnist_root), "--out-dir", str(tmp_path / "run")]
     for args, needles in (

@@ -29,6 +29,7 @@ from slurm_jobs import (ACCURACY_TARGET, SKIPS, data_args, explain, job_id,
 pytestmark = SKIPS
 
 
+@pytest.mark.slow
 def test_one_node_job_meets_accuracy_target(cluster, job_dirs, mnist_root):
     logs, runs = job_dirs
     proc = sbatch(cluster, logs, runs, *data_args(mnist_root), "--max-steps", "150",
@@ -44,6 +45,7 @@ def test_one_node_job_meets_accuracy_target(cluster, job_dirs, mnist_root):
     assert read_json(runs / f"slurm-{jid}" / "config.json")["config"]["threads"] == 2
 
 
+@pytest.mark.slow
 def test_two_node_job_runs_ranks_on_both_nodes(cluster, job_dirs, mnist_root):
     logs, runs = job_dirs
     proc = sbatch(cluster, logs, runs, *data_args(mnist_root), "--max-steps", "60",
@@ -65,6 +67,7 @@ def test_two_node_job_runs_ranks_on_both_nodes(cluster, job_dirs, mnist_root):
     assert not ranks_by_node["node1"] & ranks_by_node["node2"]
 
 
+@pytest.mark.slow
 def test_preflight_fails_fast_when_allocated_gpus_are_not_visible(cluster, job_dirs, mnist_root):
     # the nodes' GPUs are fake (/dev/null): SLURM allocates them, torch sees none
     logs, runs = job_dirs
@@ -78,6 +81,7 @@ def test_preflight_fails_fast_when_allocated_gpus_are_not_visible(cluster, job_d
     assert "no rank was started" in log and "agent on" not in log
 
 
+@pytest.mark.slow
 def test_missing_data_fails_before_any_rank(cluster, job_dirs, tmp_path):
     logs, runs = job_dirs
     proc = sbatch(cluster, logs, runs, "--data-dir", str(tmp_path / "nodata"), "--no-download",
@@ -104,6 +108,7 @@ def own_addresses() -> dict[str, str]:
     return found
 
 
+@pytest.mark.slow
 def test_rendezvous_on_an_address_the_hostname_does_not_resolve_to(cluster, job_dirs, mnist_root):
     # A fast-network address (what slurm/README.md recommends for RDZV_HOST): torchrun's own guess of
     # which agent hosts the c10d store matches the endpoint against the hostname, finds no match on any
@@ -127,6 +132,7 @@ def test_rendezvous_on_an_address_the_hostname_does_not_resolve_to(cluster, job_
     assert agents == {"node1": "1", "node2": "0"}, log
 
 
+@pytest.mark.slow
 def test_cpus_per_gpu_and_mem_per_gpu_requests_are_accepted_and_used(cluster, job_dirs, mnist_root):
     # --cpus-per-gpu cannot be combined with --cpus-per-task (the script used to set it): sbatch refused.
     # Without --cpus-per-task the step gets every CPU of the node (here 2 GPUs x 1), split between ranks.
@@ -142,6 +148,7 @@ def test_cpus_per_gpu_and_mem_per_gpu_requests_are_accepted_and_used(cluster, jo
     assert read_json(runs / f"slurm-{jid}" / "config.json")["config"]["threads"] == 2
 
 
+@pytest.mark.slow
 def test_export_none_with_setup_loads_the_environment_on_every_node(cluster, job_dirs, mnist_root):
     # sbatch --export=NONE: the job starts with a login environment, not ours; SETUP brings our venv and
     # the checkout (on every node), and the steps must inherit it (SLURM_EXPORT_ENV=NONE would not).

@@ -12,6 +12,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO, read_json
 from slurm_jobs import SKIPS, data_args, explain, job_id, job_log, sbatch
 
@@ -96,6 +98,7 @@ def stand_in(tmp_path: Path, name: str, text: str) -> Path:
     return bindir
 
 
+@pytest.mark.slow
 def test_apptainer_mode_runs_every_step_through_apptainer(cluster, job_dirs, mnist_root, tmp_path):
     logs, runs = job_dirs
     bindir = stand_in(tmp_path, "apptainer", APPTAINER_STAND_IN)
@@ -122,6 +125,7 @@ def test_apptainer_mode_runs_every_step_through_apptainer(cluster, job_dirs, mni
         "PYTHONNOUSERSITE=1 (image environment)"}, lines
 
 
+@pytest.mark.slow
 def test_pyxis_mode_runs_every_step_in_the_image(cluster, job_dirs, mnist_root, tmp_path):
     logs, runs = job_dirs
     real_srun = shutil.which("srun")

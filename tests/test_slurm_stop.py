@@ -52,6 +52,7 @@ def in_order(log: str, *markers: str) -> bool:
     return all(p >= 0 for p in positions) and positions == sorted(positions)
 
 
+@pytest.mark.slow
 def test_preemption_checkpoints_requeues_and_resumes(cluster, job_dirs, mnist_root):
     logs, runs = job_dirs
     waiting = submit(cluster, logs, runs, *data_args(mnist_root), "--epochs", "2", "--checkpoint-every", "20",
@@ -187,6 +188,7 @@ def test_requeues_are_capped_by_max_requeues(cluster, job_dirs, mnist_root):
     assert f"RUN_DIR={runs.resolve()}/slurm-{jid} sbatch" in errors[0], errors[0]
 
 
+@pytest.mark.slow
 def test_plain_scancel_cancels_instead_of_requeueing(cluster, job_dirs, mnist_root):
     # scancel (no --signal) also sends TERM to the batch shell first; the trap must not turn a
     # cancellation into a requeue.

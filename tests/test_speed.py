@@ -110,6 +110,7 @@ def train(mnist_root, out, *args, nproc: int = 0, timeout: float = 300):
     return ok(python(*flags, timeout=timeout))
 
 
+@pytest.mark.slow
 def test_batchnorm_two_ranks_gloo_with_exact_eval(mnist_root, tmp_path):
     """CPU/gloo: per-rank BatchNorm, running statistics averaged before evaluation. The 2-rank
     evaluation during training (each rank its own model copy and shard) must equal rank 0's saved
@@ -126,6 +127,7 @@ def test_batchnorm_two_ranks_gloo_with_exact_eval(mnist_root, tmp_path):
         assert (result["test_correct"], result["test_total"]) == (summary["test_correct"], 10000)
 
 
+@pytest.mark.slow
 def test_warmup_restores_state_exactly(mnist_root, tmp_path):
     common = ["--recipe", "best", "--max-steps", "6", "--threads", "1"]
     train(mnist_root, tmp_path / "plain", *common)
@@ -137,6 +139,7 @@ def test_warmup_restores_state_exactly(mnist_root, tmp_path):
     assert read_json(tmp_path / "warm" / "summary.json")["warmup_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_time_to_target_with_mid_epoch_evaluation(mnist_root, tmp_path):
     out = tmp_path / "run"
     train(mnist_root, out, "--max-steps", "40", "--eval-every", "10", "--target-accuracy", "0.8",
@@ -153,6 +156,7 @@ def test_time_to_target_with_mid_epoch_evaluation(mnist_root, tmp_path):
     assert read_json(tmp_path / "never" / "summary.json")["seconds_to_target"] is None
 
 
+@pytest.mark.slow
 def test_time_to_target_survives_a_crash_and_resume(mnist_root, tmp_path):
     """The clock's record travels in checkpoints: reached at step 10 or 20, checkpointed at 25,
     crashed at 32, resumed -> the same step and accuracy as the uninterrupted run (a clock that

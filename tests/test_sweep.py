@@ -47,6 +47,7 @@ def states(study) -> dict[int, str]:
     return {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
 
 
+@pytest.mark.slow
 def test_bad_sweep_input_is_one_error_line(tmp_path):
     space = tmp_path / "space.toml"
     space.write_text("[lr]\nlow = 0.001\nhigh = 0.01\nlog = true\n")
@@ -168,6 +169,7 @@ def test_local_sweep_prunes_stops_on_sigterm_and_resumes(mnist_root, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
 
+@pytest.mark.slow
 def test_torchrun_launcher_and_wandb_group(mnist_root, tmp_path):
     """One trial of 2 ranks under torchrun; with --wandb every trial joins the group sweep-<name>."""
     space = tmp_path / "space.toml"

@@ -42,6 +42,7 @@ with open(os.path.join(sys.argv[2], f"rank{env.rank}.json"), "w") as f:
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ddp", "accelerate"])
 def test_no_gloo_thread_outlives_teardown(tmp_path, engine):
     if engine == "accelerate":

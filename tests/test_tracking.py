@@ -31,6 +31,7 @@ def no_server_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_wandb_under_torchrun_one_run_from_rank0_with_history_summary_and_artifact(mnist_root, tmp_path):
     out = tmp_path / "run"
     # --wandb-mode online with no API key: must fall back to offline with one notice line
@@ -78,6 +79,7 @@ def test_wandb_under_torchrun_one_run_from_rank0_with_history_summary_and_artifa
     assert (out / "model.pt2").is_file() and (out / "mistakes.png").is_file()
 
 
+@pytest.mark.slow
 def test_network_down_falls_back_to_offline_and_resume_keeps_the_run_id(tmp_path):
     script = textwrap.dedent("""
         import sys, torch

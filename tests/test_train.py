@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import (QUIET, TRAIN_SCRIPT, child_env, free_port, last_json_line, ok, python, read_json,
@@ -46,6 +47,7 @@ def test_single_process_run_learns(trained_run):
     assert config["backend"] is None and config["config"]["model"] == "fast"
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks(mnist_root, tmp_path):
     out = tmp_path / "run"
     proc = ok(torchrun(2, str(TRAIN_SCRIPT), "--data-dir", str(mnist_root), "--out-dir", str(out),
@@ -57,6 +59,7 @@ def test_torchrun_two_ranks(mnist_root, tmp_path):
     assert proc.stdout.count("epoch 1/1") == 1, "only rank 0 logs"
 
 
+@pytest.mark.slow
 def test_two_node_rendezvous_on_localhost(mnist_root, tmp_path):
     """Two torchrun agents (two 'nodes') meet through a c10d rendezvous on a free port."""
     port = free_port()
@@ -79,6 +82,7 @@ def test_two_node_rendezvous_on_localhost(mnist_root, tmp_path):
     check_run_dir(out, world_size=2)
 
 
+@pytest.mark.slow
 def test_module_and_console_script_entry_points(mnist_root, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     ok(python("-m", "mnist_dist", "train", "--data-dir", str(mnist_root), "--out-dir", str(a),
@@ -90,6 +94,7 @@ def test_module_and_console_script_entry_points(mnist_root, tmp_path):
         assert read_json(out / "summary.json")["test_total"] == 10000
 
 
+@pytest.mark.slow
 def test_evaluate_is_exact_at_world_sizes_1_2_3(trained_run, mnist_root):
     expected = read_json(trained_run / "summary.json")["test_correct"]
     args = ["-m", "mnist_dist", "evaluate", "--run-dir", str(trained_run), "--data-dir", str(mnist_root)]
@@ -101,6 +106,7 @@ def test_evaluate_is_exact_at_world_sizes_1_2_3(trained_run, mnist_root):
     assert {r["test_correct"] for r in results} == {expected}
 
 
+@pytest.mark.slow
 def test_ddp_matches_single_process_with_the_same_global_batch(mnist_root, tmp_path):
     """Seed model: 2 ranks x 32 vs 1 rank x 64, same seed and sampler order, 20 steps.
 
@@ -128,6 +134,7 @@ def test_ddp_matches_single_process_with_the_same_global_batch(mnist_root, tmp_p
         assert moved > 10 * tolerance, f"{optimizer}: training barely moved the parameters"
 
 
+@pytest.mark.slow
 def test_classic_dataloader_and_bf16_paths(mnist_root, tmp_path):
     out = tmp_path / "loader"
     ok(torchrun(2, str(TRAIN_SCRIPT), "--loader", "dataloader", "--num-workers", "1", "--amp", "bf16",
