@@ -47,6 +47,27 @@ def finish(waiting: subprocess.Popen, seconds: float, explain_fn) -> None:
     waiting.stdout_text, waiting.stderr_text = out, err  # type: ignore[attr-defined]
 
 
+def signal_after_first_checkpoint(cluster, logs: Path, runs: Path, waiting: subprocess.Popen,
+                                  scancel_args: tuple[str, ...], seconds: float) -> str:
+    """Once the job's first checkpoint exists (training is under way), ``scancel *scancel_args JOB``;
+    waits for the job to end, successfully; returns its id."""
+    jid = "?"
+    try:
+        log_file = wait_for("the job log", lambda: next(logs.glob("mnist-dist-*.out"), None), waiting, 60,
+                            cluster.logs)
+        jid = log_file.stem.rsplit("-", 1)[1]
+        ckpt_dir = runs / f"slurm-{jid}" / "checkpoints"
+        wait_for("a first checkpoint", lambda: list(ckpt_dir.glob("step-*.pt")), waiting, 240,
+                 lambda: explain(cluster, logs, jid))
+        cluster.run("scancel", *scancel_args, jid)
+        finish(waiting, seconds, lambda: explain(cluster, logs, jid))
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    assert waiting.returncode == 0, explain(cluster, logs, jid)
+    return jid
+
+
 def in_order(log: str, *markers: str) -> bool:
     positions = [log.find(marker) for marker in markers]
     return all(p >= 0 for p in positions) and positions == sorted(positions)
@@ -57,19 +78,7 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, job_dirs, mnist_ro
     logs, runs = job_dirs
     waiting = submit(cluster, logs, runs, *data_args(mnist_root), "--epochs", "2", "--checkpoint-every", "20",
                      options=("--nodes=2", "--cpus-per-task=1"))
-    try:
-        log_file = wait_for("the job log", lambda: next(logs.glob("mnist-dist-*.out"), None), waiting, 60,
-                            cluster.logs)
-        jid = log_file.stem.rsplit("-", 1)[1]
-        ckpt_dir = runs / f"slurm-{jid}" / "checkpoints"
-        wait_for("a first checkpoint", lambda: list(ckpt_dir.glob("step-*.pt")), waiting, 240,
-                 lambda: explain(cluster, logs, jid))  # training is under way: preempt it now
-        cluster.run("scancel", "--batch", "--signal=USR1", jid)
-        finish(waiting, 530, lambda: explain(cluster, logs, jid))
-    finally:
-        if waiting.poll() is None:
-            waiting.kill()
-    assert waiting.returncode == 0, explain(cluster, logs, jid)
+    jid = signal_after_first_checkpoint(cluster, logs, runs, waiting, ("--batch", "--signal=USR1"), 530)
     log = job_log(logs, jid)
     assert in_order(log, "USR1 received", "stopped by signal", "requeueing job", "start #2", "resumed from",
                     "training step finished with exit code 0"), explain(cluster, logs, jid)
@@ -135,20 +144,7 @@ def test_term_to_the_whole_job_requeues_and_resumes_from_the_last_periodic_check
     logs, runs = job_dirs
     waiting = submit(cluster, logs, runs, *data_args(mnist_root), "--epochs", "1", "--checkpoint-every", "20",
                      options=("--nodes=1", "--cpus-per-task=2"))
-    jid = "?"
-    try:
-        log_file = wait_for("the job log", lambda: next(logs.glob("mnist-dist-*.out"), None), waiting, 60,
-                            cluster.logs)
-        jid = log_file.stem.rsplit("-", 1)[1]
-        ckpt_dir = runs / f"slurm-{jid}" / "checkpoints"
-        wait_for("a first checkpoint", lambda: list(ckpt_dir.glob("step-*.pt")), waiting, 240,
-                 lambda: explain(cluster, logs, jid))
-        cluster.run("scancel", "--full", "--signal=TERM", jid)
-        finish(waiting, 500, lambda: explain(cluster, logs, jid))
-    finally:
-        if waiting.poll() is None:
-            waiting.kill()
-    assert waiting.returncode == 0, explain(cluster, logs, jid)
+    jid = signal_after_first_checkpoint(cluster, logs, runs, waiting, ("--full", "--signal=TERM"), 500)
     log = job_log(logs, jid)
     assert in_order(log, "TERM received by the batch shell", "stopped by TERM during training",
                     "requeueing job", "start #2", "resumed from", "training step finished with exit code 0"), log
