@@ -47,6 +47,25 @@ def states(study) -> dict[int, str]:
     return {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
 
 
+def sigterm_when_ready(cmd: list[str], env: dict[str, str], log_path: Path, ready, details, poll: float) -> int:
+    """Start the sweep ``cmd`` (output in ``log_path``), wait until ``ready()`` holds, SIGTERM it and
+    return its exit code. Fails, with ``details()``, if it ends first or is not ready within 400 s."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 400
+        while not ready():
+            assert proc.poll() is None, f"the sweep ended early ({proc.returncode}):\n{details()}"
+            assert time.monotonic() < deadline, f"not ready after 400 s:\n{details()}"
+            time.sleep(poll)
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 @pytest.mark.slow
 def test_bad_sweep_input_is_one_error_line(tmp_path):
     space = tmp_path / "space.toml"
@@ -85,6 +104,36 @@ def test_bad_sweep_input_is_one_error_line(tmp_path):
     assert not list((tmp_path / "s").glob("trial-*"))
 
 
+def test_a_resumed_study_draws_new_trials_not_its_first_ones_again(tmp_path):
+    """The sweep's study opened twice in one directory (as by a stopped and re-run sweep): the second
+    session's trials are new draws. Seeding its sampler as at the start repeated trials 1-4 of the best-
+    recipe sweep as trials 6-9 (TPE's first trials are random draws from the seeded generator)."""
+    from mnist_dist.sweep.command import build_parser, open_study
+
+    sweep_dir = tmp_path / "s"
+    sweep_dir.mkdir()
+    args = build_parser().parse_args(["--space", "unused.toml", "--sweep-dir", str(sweep_dir)])
+    args.direction = "maximize"
+
+    def draw(n: int) -> list[float]:
+        study = open_study(optuna, args, [], [], sweep_dir, "s")
+        values = []
+        for _ in range(n):
+            trial = study.ask()
+            values.append(trial.suggest_float("lr", 1e-4, 1e-1, log=True))
+            study.tell(trial, values[-1])
+        return values
+
+    first, second = draw(4), draw(4)
+    assert len(set(first + second)) == 8, (first, second)
+    assert [t.params["lr"] for t in load_study(sweep_dir).get_trials()] == first + second  # one study
+    again = tmp_path / "again"  # and the same sweep started afresh still draws the same first trials
+    again.mkdir()
+    args.sweep_dir = str(again)
+    assert [t.suggest_float("lr", 1e-4, 1e-1, log=True) for t in
+            [open_study(optuna, args, [], [], again, "again").ask()]] == first[:1]
+
+
 @pytest.mark.slow
 def test_local_sweep_prunes_stops_on_sigterm_and_resumes(mnist_root, tmp_path):
     """4 trials, 2 at a time. Trials 0 and 3 are short twins (40 steps), trial 1 the same learning rate
@@ -103,23 +152,15 @@ def test_local_sweep_prunes_stops_on_sigterm_and_resumes(mnist_root, tmp_path):
            "--sweep-dir", str(sweep_dir), "--enqueue", str(enqueue), "--prune-startup", "1", "--poll", "0.5",
            "--data-dir", str(mnist_root), "--schedule", "constant", "--eval-every", "10", *QUIET]
     first_log = tmp_path / "first.log"
-    with open(first_log, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=REPO,
-                                stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 400
-        t1_evals = sweep_dir / "trial-0001" / "evaluations.jsonl"
-        t0_info = sweep_dir / "trial-0000" / "trial.json"
-        while not (t0_info.is_file() and read_json(t0_info)["state"] == "complete" and t1_evals.is_file()
-                   and max((e["global_step"] for e in read_jsonl(t1_evals)), default=0) > 40):
-            assert proc.poll() is None, f"the sweep ended early ({proc.returncode}):\n{first_log.read_text()}"
-            assert time.monotonic() < deadline, f"trial 1 never got past step 40:\n{first_log.read_text()}"
-            time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    t1_evals = sweep_dir / "trial-0001" / "evaluations.jsonl"
+    t0_info = sweep_dir / "trial-0000" / "trial.json"
+
+    def trial_0_done_and_trial_1_past_step_40() -> bool:
+        return (t0_info.is_file() and read_json(t0_info)["state"] == "complete" and t1_evals.is_file()
+                and max((e["global_step"] for e in read_jsonl(t1_evals)), default=0) > 40)
+
+    rc = sigterm_when_ready(cmd, child_env(), first_log, trial_0_done_and_trial_1_past_step_40,
+                            first_log.read_text, poll=0.5)
     out = first_log.read_text()
     assert rc == 3, out
     assert "sweep stopped by SIGTERM" in out and "Traceback" not in out, out
@@ -215,21 +256,10 @@ def test_slurm_launcher_runs_a_two_task_array_stops_and_resumes(mnist_root, tmp_
         with SlurmCluster(root, nodes=2, cpus=2) as cluster:
             env = cluster.env(child_env(PYTHON=sys.executable, PYTHONPATH=str(REPO)))
             first_log = tmp_path / "first.log"
-            with open(first_log, "w") as log:
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                        stdin=subprocess.DEVNULL)
-            try:
-                deadline = time.monotonic() + 400
-                evals = [sweep_dir / f"trial-000{i}" / "evaluations.jsonl" for i in (0, 1)]
-                while not all(e.is_file() and read_jsonl(e) for e in evals):  # both tasks are training
-                    assert proc.poll() is None, f"{first_log.read_text()}\n{task_logs()}\n{cluster.logs()}"
-                    assert time.monotonic() < deadline, f"{first_log.read_text()}\n{task_logs()}"
-                    time.sleep(1)
-                proc.send_signal(signal.SIGTERM)
-                rc = proc.wait(timeout=300)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
+            evals = [sweep_dir / f"trial-000{i}" / "evaluations.jsonl" for i in (0, 1)]
+            rc = sigterm_when_ready(cmd, env, first_log,
+                                    lambda: all(e.is_file() and read_jsonl(e) for e in evals),  # both train
+                                    lambda: f"{first_log.read_text()}\n{task_logs()}\n{cluster.logs()}", poll=1)
             assert rc == 3, f"{first_log.read_text()}\n{task_logs()}"
             jobs = [read_json(sweep_dir / f"trial-000{i}" / "trial.json")["slurm_job"] for i in (0, 1)]
             array = jobs[0].split("_")[0]
