@@ -44,7 +44,8 @@ def test_augmentation_keeps_shape_dtype_and_order_and_changes_pixels(mnist_root)
     t = transform()
     params = t.epoch_params(0)[64:128]
     for i in (0, 17, 63):
-        alone = augment_batch(x[i:i + 1], params[i:i + 1], 10, 2, 0.1, -data.MNIST_MEAN / data.MNIST_STD)
+        alone = augment_batch(x[i:i + 1], params[i:i + 1], t.cfg.aug_degrees, t.cfg.aug_shift, t.cfg.aug_scale,
+                              -data.MNIST_MEAN / data.MNIST_STD)
         assert torch.allclose(alone[0], out[i], atol=1e-6)
     # background stays background: normalised zero pixels
     background = -data.MNIST_MEAN / data.MNIST_STD
