@@ -261,11 +261,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                      context.get_local_world_size(), device, LAUNCHER, cfg.threads)
     engine = DDPEngine(cfg, env, resolve_precision(cfg.amp, env.device))  # the DDP engine as it is
     with ray_checkpoint_file(ray.train.get_checkpoint()) as resume_file:
+        attempt = os.environ[faults.ATTEMPT_ENV]
         if resume_file is not None:
             cfg.resume = resume_file  # Ray's newest checkpoint wins over --resume
             if env.is_main:
-                print(f"ray: attempt {os.environ[faults.ATTEMPT_ENV]}: resuming from Ray's checkpoint "
-                      f"{resume_file}", flush=True)
+                print(f"ray: attempt {attempt}: resuming from Ray's checkpoint {resume_file}", flush=True)
+        elif attempt != "0" and env.is_main:  # a restart before the first checkpoint: say so
+            print(f"ray: attempt {attempt}: no checkpoint from Ray yet; starting as configured "
+                  f"(--resume {cfg.resume or 'none'})", flush=True)
         fit(cfg, engine, on_checkpoint=report_checkpoint)
     # the process group is Ray's: its TorchConfig backend destroys it when the workers shut down
 
