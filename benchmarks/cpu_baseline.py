@@ -30,15 +30,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_job(out: Path, *args: str, nproc: int = 0) -> dict:
+    """One quiet ``train_ddp.py`` run in ``out``: its summary.json, plus the mean ``images_per_second``
+    and ``per_epoch_test_accuracy`` from metrics.jsonl (also used by ``recipe_seeds.py``)."""
     launcher = [sys.executable]
     if nproc:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = [*launcher, str(REPO / "train_ddp.py"), "--no-progress", "--no-plots", "--no-export",
            "--out-dir", str(out), *args]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:  # its error line is on stderr above
+        sys.exit(f"error: {' '.join(cmd[1:])} failed")
     summary = json.loads((out / "summary.json").read_text())
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     summary["images_per_second"] = statistics.mean(m["images_per_second"] for m in metrics)
+    summary["per_epoch_test_accuracy"] = [m["test_accuracy"] for m in metrics]
     return summary
 
 

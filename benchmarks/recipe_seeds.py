@@ -5,23 +5,21 @@ machine each has all its cores.
     MNIST_DATA_DIR=../shared/data python benchmarks/recipe_seeds.py --seeds 0-4 -- --recipe best
     MNIST_DATA_DIR=../shared/data python benchmarks/recipe_seeds.py --seeds 0-4 -- --config sweeps/best-recipe-v1.toml
 
-Everything after `--` goes to `train_ddp.py` (plus `--seed S --out-dir ... --no-progress --no-plots
---no-export`). `--goal-min`, `--goal-median` and `--goal-seconds` print whether the recipe meets the
+Everything after `--` goes to `train_ddp.py` (plus `--seed S` and, through `cpu_baseline.run_job`,
+`--out-dir ... --no-progress --no-plots --no-export`). `--goal-min`, `--goal-median` and `--goal-seconds` print whether the recipe meets the
 best recipe's goal (issue 17: every seed >= 99.6%, median >= 99.65%, <= 200 s of training).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from cpu_baseline import run_job  # this folder is on sys.path when a script in it runs
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -37,19 +35,6 @@ def parse_seeds(text: str) -> list[int]:
     if not seeds:
         raise argparse.ArgumentTypeError(f"no seeds in {text!r}")
     return seeds
-
-
-def run_seed(seed: int, out: Path, train_args: list[str]) -> dict:
-    cmd = [sys.executable, str(REPO / "train_ddp.py"), *train_args, "--seed", str(seed), "--out-dir", str(out),
-           "--no-progress", "--no-plots", "--no-export"]
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        sys.exit(f"error: seed {seed} failed (exit {proc.returncode}): {last}")
-    summary = json.loads((out / "summary.json").read_text())
-    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    summary["per_epoch"] = [e["test_accuracy"] for e in epochs if "test_accuracy" in e]
-    return summary
 
 
 def main() -> None:
@@ -70,9 +55,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            s = run_seed(seed, Path(tmp) / f"seed-{seed}", train_args)
+            s = run_job(Path(tmp) / f"seed-{seed}", *train_args, "--seed", str(seed))
             rows.append(s)
-            curve = " ".join(f"{100 * a:.2f}" for a in s["per_epoch"])
+            curve = " ".join(f"{100 * a:.2f}" for a in s["per_epoch_test_accuracy"])
             print(f"{seed:4d} {s['test_accuracy']:9.2%} {s['test_correct']:8d} {s['epochs']:6d} "
                   f"{s['train_seconds']:8.1f}  {curve}", flush=True)
     accs = [r["test_accuracy"] for r in rows]

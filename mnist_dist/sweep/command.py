@@ -226,8 +226,8 @@ def open_study(optuna: Any, args: argparse.Namespace, params: list[Param], fixed
     pruner = (optuna.pruners.NopPruner() if args.no_prune or args.metric not in PRUNABLE else
               optuna.pruners.MedianPruner(n_startup_trials=args.prune_startup, n_warmup_steps=args.prune_warmup))
     study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction=args.direction,
-                                sampler=optuna.samplers.TPESampler(seed=args.sampler_seed), pruner=pruner)
-    started = len(study.get_trials(deepcopy=False))
-    if started:  # resumed: a sampler seeded as at the start would draw the study's first random trials again
-        study.sampler = optuna.samplers.TPESampler(seed=args.sampler_seed + started)
+                                pruner=pruner)
+    # seeded by the trials so far: a resumed study's sampler seeded as at the start would draw its
+    # first random trials again
+    study.sampler = optuna.samplers.TPESampler(seed=args.sampler_seed + len(study.get_trials(deepcopy=False)))
     return study
