@@ -104,12 +104,20 @@ def test_two_ray_workers_train_to_the_target(straight_ray_run):
 @pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_resumes_from_its_checkpoint(straight_ray_run, ray_cluster,
                                                                        mnist_root, tmp_path):
-    """Rank 1 SIGKILLs itself at step 150 on the first attempt: Ray restarts the worker group
-    (--max-failures 1), which resumes from Ray's checkpoint of step 100 — bitwise as straight."""
+    """Rank 1 SIGKILLs itself at step 190 on the first attempt: Ray restarts the worker group
+    (--max-failures 1), which resumes from Ray's checkpoint of step 100 — bitwise as straight.
+
+    Ray's controller takes a reported checkpoint when it next polls the workers (every
+    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default): a kill 50 steps (~1.5 s) after the report
+    sometimes came first, and the restart then had no checkpoint (one CI failure). Here the
+    controller polls every 0.2 s (Ray Train hands its RAY_TRAIN_* settings from the driver to the
+    controller) and the kill comes 90 steps
+    (~2.5 s at full speed) after the report."""
     out, storage = tmp_path / "run", tmp_path / "storage"
     proc = ok(launcher("--num-workers", "2", "--address", ray_cluster, "--storage", str(storage),
                        "--max-failures", "1", "--data-dir", str(mnist_root), "--out-dir", str(out), *FLAGS,
-                       env=ray_env(MNIST_DIST_FAULT="kill,rank=1,step=150,attempt=0")))
+                       env=ray_env(MNIST_DIST_FAULT="kill,rank=1,step=190,attempt=0",
+                                   RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")))
     log = proc.stdout + proc.stderr
     attempts = "\n".join(line for line in log.splitlines() if "ray: attempt" in line or "injected" in line)
     assert "attempt 1: resuming from Ray's checkpoint" in log and "step-00000100.pt" in log, \
