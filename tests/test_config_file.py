@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import QUIET, TRAIN_SCRIPT, assert_one_line_error, ok, python, read_json, read_jsonl
+from conftest import QUIET, REPO, TRAIN_SCRIPT, assert_one_line_error, ok, python, read_json, read_jsonl
 
 from mnist_dist.cli import parse_train_args
 
@@ -15,7 +15,7 @@ def test_toml_yaml_json_set_flags_and_explicit_flags_win(tmp_path):
     toml.write_text('recipe = "best"\nlr = 0.003\nbetas = [0.8, 0.95]\nbatch-size = 128\naugment = false\n')
     cfg = parse_train_args(["--config", str(toml), "--out-dir", str(tmp_path / "r")], world_size=1)
     assert (cfg.recipe, cfg.lr, cfg.betas, cfg.batch_size, cfg.augment) == ("best", 0.003, (0.8, 0.95), 128, False)
-    assert cfg.epochs == 10 and cfg.model == "best"  # the rest from the file's recipe
+    assert (cfg.epochs, cfg.model, cfg.channels_last) == (15, "best2", True)  # the rest from the file's recipe
     cfg = parse_train_args(["--config", str(toml), "--lr", "0.01", "--recipe", "fast", "--augment",
                             "--out-dir", str(tmp_path / "r")], world_size=1)
     assert (cfg.recipe, cfg.lr, cfg.augment, cfg.model, cfg.batch_size) == ("fast", 0.01, True, "fast", 128)
@@ -29,6 +29,22 @@ def test_toml_yaml_json_set_flags_and_explicit_flags_win(tmp_path):
     js.write_text('{"epochs": 3, "weight_decay": 0}')
     cfg = parse_train_args(["--config", str(js), "--out-dir", str(tmp_path / "r")], world_size=1)
     assert (cfg.epochs, cfg.weight_decay) == (3, 0.0) and isinstance(cfg.weight_decay, float)
+
+
+def test_the_shipped_recipe_files_resolve_to_what_they_say(tmp_path):
+    """sweeps/*.toml are documented commands: the old recipe and the sweep's winner stay on the
+    model they were measured with (recipe best-v1) after `--recipe best` moved on."""
+    def resolve(name: str):
+        return parse_train_args(["--config", str(REPO / "sweeps" / name), "--out-dir", str(tmp_path / "r")],
+                                world_size=1)
+
+    v1 = resolve("best-recipe-v1.toml")
+    assert (v1.recipe, v1.model, v1.epochs, v1.channels_last, v1.lr, v1.batch_size) == \
+        ("best-v1", "best", 10, False, 0.005, 256)
+    trial9 = resolve("best-recipe-trial9.toml")
+    assert (trial9.model, trial9.epochs, trial9.batch_size, trial9.lr) == ("best", 10, 128, 0.0034)
+    best = parse_train_args(["--recipe", "best", "--out-dir", str(tmp_path / "r")], world_size=1)
+    assert (best.model, best.epochs, best.channels_last, best.augment) == ("best2", 15, True, True)
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from mnist_dist.models import FastCNN, SeedCNN, build_model, clean_state_dict, count_parameters
+from mnist_dist.models import BestCNN, FastCNN, PoolFirstCNN, SeedCNN, build_model, clean_state_dict, count_parameters
 
 
 def test_seed_model_is_the_notebook_network():
@@ -20,7 +20,7 @@ def test_seed_model_is_the_notebook_network():
 
 
 def test_models_map_a_batch_to_ten_logits():
-    for name in ("seed", "fast"):
+    for name in ("seed", "fast", "best", "best2"):
         model = build_model(name)
         assert model(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
     assert count_parameters(FastCNN()) < count_parameters(SeedCNN())
@@ -29,3 +29,19 @@ def test_models_map_a_batch_to_ten_logits():
 def test_clean_state_dict_strips_wrapper_prefixes():
     state = {"module._orig_mod.0.weight": 1, "_orig_mod.module.0.bias": 2, "3.weight": 3}
     assert clean_state_dict(state) == {"0.weight": 1, "0.bias": 2, "3.weight": 3}
+
+
+def test_best2_pools_before_batchnorm_and_best_keeps_its_layout():
+    """`--recipe best`'s network (best2): conv -> pool -> BN -> ReLU in the first two blocks, 32/64/128
+    channels. `best` (recipe best-v1) keeps its exact layer list and names, so its weights still load."""
+    kinds = [type(m) for m in PoolFirstCNN()]
+    assert kinds == [nn.Conv2d, nn.MaxPool2d, nn.BatchNorm2d, nn.ReLU] * 2 + \
+        [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Flatten, nn.Linear]
+    convs = [m for m in PoolFirstCNN() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == \
+        [(1, 32, (5, 5)), (32, 64, (3, 3)), (64, 128, (3, 3))]
+    assert count_parameters(PoolFirstCNN()) == 800 + 64 + 18_432 + 128 + 73_728 + 256 + 2048 * 10 + 10
+    assert [type(m) for m in BestCNN()] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d] * 2 + \
+        [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Flatten, nn.Linear]
+    assert count_parameters(BestCNN()) == 71_818
+    assert sorted(build_model("best").state_dict())[:3] == ["0.weight", "1.bias", "1.num_batches_tracked"]
