@@ -141,7 +141,7 @@ def run_gpu_suite(timeout: float) -> list[dict]:
     started = time.time()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    except subprocess.TimeoutExpired as exc:
+    except subprocess.TimeoutExpired:
         return [{"name": "gpu test suite", "status": "FAIL", "why": f"timed out after {timeout:.0f}s",
                  "command": " ".join(cmd[1:]), "wall_s": time.time() - started}]
     rows = []

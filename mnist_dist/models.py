@@ -80,10 +80,11 @@ class PoolFirstCNN(nn.Sequential):
     conv 32@5x5 -> pool -> BN -> ReLU -> conv 64@3x3 (pad 1) -> pool -> BN -> ReLU -> conv 128@3x3 ->
     BN -> ReLU -> 128x4x4 -> FC 10.
 
-    Pooling first, BatchNorm and ReLU of the first two blocks work on a quarter of the values; with
-    ``--channels-last`` (which the recipe sets: the CPU's max-pool is several times faster on
-    channels_last tensors) an epoch takes ~12 s of a 2-core CPU against BestCNN's ~17 s, though it
-    has 1.4x the multiply-adds. Under DDP its BatchNorm layers stay per-rank, their running
+    Pooling first, BatchNorm and ReLU of the first two blocks work on a quarter of the values. With
+    ``--channels-last``, which the recipe sets (the CPU's max-pool is several times faster on
+    channels_last tensors), an epoch takes ~12 s of a 2-core CPU: as long as BestCNN's in
+    channels_last and less than its ~17 s in NCHW, with 1.4x its multiply-adds
+    (``benchmarks/cpu_layers.py``). Under DDP its BatchNorm layers stay per-rank, their running
     statistics averaged before evaluation; ``--sync-bn`` converts them to SyncBatchNorm on CUDA
     (``mnist_dist.engines.prepare``).
     """
