@@ -6,8 +6,9 @@ machine each has all its cores.
     MNIST_DATA_DIR=../shared/data python benchmarks/recipe_seeds.py --seeds 0-4 -- --config sweeps/best-recipe-v1.toml
 
 Everything after `--` goes to `train_ddp.py` (plus `--seed S` and, through `cpu_baseline.run_job`,
-`--out-dir ... --no-progress --no-plots --no-export`). `--goal-min`, `--goal-median` and `--goal-seconds` print whether the recipe meets the
-best recipe's goal (issue 17: every seed >= 99.6%, median >= 99.65%, <= 200 s of training).
+`--out-dir ... --no-progress --no-plots --no-export`). `--goal-min`, `--goal-median` and
+`--goal-seconds` print whether the recipe meets the best recipe's goal (issue 17: every seed >= 99.6%,
+median >= 99.65%, <= 200 s of training).
 """
 
 from __future__ import annotations

@@ -111,8 +111,7 @@ def test_a_killed_worker_is_restarted_and_resumes_from_its_checkpoint(straight_r
     RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default): a kill 50 steps (~1.5 s) after the report
     sometimes came first, and the restart then had no checkpoint (one CI failure). Here the
     controller polls every 0.2 s (Ray Train hands its RAY_TRAIN_* settings from the driver to the
-    controller) and the kill comes 90 steps
-    (~2.5 s at full speed) after the report."""
+    controller) and the kill comes 90 steps (~2.5 s at full speed) after the report."""
     out, storage = tmp_path / "run", tmp_path / "storage"
     proc = ok(launcher("--num-workers", "2", "--address", ray_cluster, "--storage", str(storage),
                        "--max-failures", "1", "--data-dir", str(mnist_root), "--out-dir", str(out), *FLAGS,
