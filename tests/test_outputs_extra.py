@@ -255,3 +255,22 @@ def test_confusion_predictions_are_exact_at_world_size_3(trained_run, mnist_root
     script.write_text(PREDICT_UNDER_TORCHRUN)
     proc = ok(torchrun(3, str(script), str(trained_run), str(mnist_root), timeout=240))
     assert read_json_line(proc.stdout) == read_json(trained_run / "confusion_matrix.json")
+
+
+def test_export_of_a_channels_last_model_is_silent_and_exact(tmp_path):
+    """`--recipe best` trains in channels_last: model.pt2 is written from contiguous weights (torch's
+    archive writer warns about non-contiguous ones) and gives the model's own logits."""
+    import warnings
+
+    from mnist_dist.models import PoolFirstCNN
+    from mnist_dist.outputs.export import load_classifier, save_export
+
+    torch.manual_seed(0)
+    model = PoolFirstCNN().to(memory_format=torch.channels_last).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_export(model, normalize=True, run_dir=tmp_path)
+    pixels = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        expected = model((pixels - 0.1307) / 0.3081)
+        assert torch.allclose(load_classifier(tmp_path)(pixels), expected, atol=1e-5)

@@ -43,8 +43,11 @@ class PixelsToLogits(nn.Module):
 
 
 def export_program(model: nn.Module, normalize: bool) -> torch.export.ExportedProgram:
-    """Export a CPU copy of ``model`` (the raw module, never the DDP wrapper) with a dynamic batch."""
-    wrapper = PixelsToLogits(copy.deepcopy(model).float().cpu(), normalize).eval()
+    """Export a CPU copy of ``model`` (the raw module, never the DDP wrapper) with a dynamic batch.
+    The copy's weights are made contiguous: a channels_last model (``--channels-last``) would
+    otherwise leave strided weights that torch's archive writer warns about."""
+    plain = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format)
+    wrapper = PixelsToLogits(plain, normalize).eval()
     example = torch.rand(2, 1, IMAGE_SIDE, IMAGE_SIDE)
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
