@@ -129,6 +129,28 @@ def test_a_killed_worker_is_restarted_and_resumes_from_its_checkpoint(straight_r
 
 
 @pytest.mark.slow
+def test_a_checkpoint_ray_had_not_registered_is_not_lost(straight_ray_run, ray_cluster, mnist_root, tmp_path):
+    """Rank 1 SIGKILLs itself at step 202, two steps after the checkpoint of step 200 was written and
+    reported, while Ray's controller polls only every 10 s: Ray has not registered that report (its
+    newest is step 100, or none), but the restart still resumes from step 200 — the run directory's
+    newest checkpoint, which rank 0 takes when it is newer than Ray's. (Should a poll fall in those
+    ~60 ms, Ray's own checkpoint is step 200: the same resume.)"""
+    out, storage = tmp_path / "run", tmp_path / "storage"
+    proc = ok(launcher("--num-workers", "2", "--address", ray_cluster, "--storage", str(storage),
+                       "--max-failures", "1", "--data-dir", str(mnist_root), "--out-dir", str(out), *FLAGS,
+                       env=ray_env(MNIST_DIST_FAULT="kill,rank=1,step=202,attempt=0",
+                                   RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="10")))
+    log = proc.stdout + proc.stderr
+    restart = [line for line in log.splitlines() if "ray: attempt 1" in line]
+    assert len(restart) == 1 and "step-00000200.pt" in restart[0], f"{restart}\n...\n{log[-3000:]}"
+    assert "at epoch 1 step 200" in log, log[-3000:]
+    summary = read_json(out / "summary.json")
+    assert summary["global_step"] == 234 and summary["test_total"] == 10000
+    assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1], "no duplicated epoch"
+    assert_bitwise_equal(straight_ray_run[0], out)
+
+
+@pytest.mark.slow
 def test_failures_on_a_cluster_are_one_error_line(ray_cluster, mnist_root, tmp_path):
     common = ["--address", ray_cluster, "--storage", str(tmp_path / "storage"), "--data-dir", str(mnist_root)]
     gpu = launcher("--num-workers", "2", "--use-gpu", *common, "--out-dir", str(tmp_path / "gpu"))

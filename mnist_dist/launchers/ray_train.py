@@ -6,7 +6,8 @@ gloo on CPUs, nccl with ``--use-gpu``). Each worker builds our ``DistEnv`` from 
 as it is: same recipes, same exact evaluation, same run directory. Every checkpoint file we write
 (``checkpoint/``) is also reported with ``ray.train.report(metrics, checkpoint=...)``, with the
 epoch's record at each epoch end; a worker group that Ray restarts (``--max-failures``) resumes
-from ``ray.train.get_checkpoint()``, bitwise as our own ``--resume`` does.
+from ``ray.train.get_checkpoint()`` (or from the run directory's newest checkpoint when that one is
+newer: a report Ray had not registered before the failure), bitwise as our own ``--resume`` does.
 
 This process (the driver) checks what it can before Ray starts, so bad input is one ``error:``
 line. Ray is imported only here: ``pip install 'mnist-dist[ray]'``.
@@ -262,7 +263,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine = DDPEngine(cfg, env, resolve_precision(cfg.amp, env.device))  # the DDP engine as it is
     with ray_checkpoint_file(ray.train.get_checkpoint()) as resume_file:
         attempt = os.environ[faults.ATTEMPT_ENV]
-        if resume_file is not None:
+        # a restart: the run directory may hold a newer checkpoint than Ray registered (one written
+        # and reported just before the failure, before Ray's controller polled); rank 0 reads it
+        own = newer_own_checkpoint(cfg.out_dir, resume_file) if env.is_main and attempt != "0" else None
+        if own is not None:
+            cfg.resume = str(own)
+            print(f"ray: attempt {attempt}: resuming from {own}, newer than Ray's checkpoint "
+                  f"({resume_file or 'none yet'}: Ray had not registered the newest report)", flush=True)
+        elif resume_file is not None:
             cfg.resume = resume_file  # Ray's newest checkpoint wins over --resume
             if env.is_main:
                 print(f"ray: attempt {attempt}: resuming from Ray's checkpoint {resume_file}", flush=True)
@@ -284,6 +292,17 @@ def ray_checkpoint_file(checkpoint: Any) -> Iterator[str | None]:
         if not found:
             raise UserError(f"Ray checkpoint {checkpoint.path} holds no mnist-dist checkpoint file")
         yield str(found[-1])
+
+
+def newer_own_checkpoint(out_dir: str, ray_file: str | None) -> Path | None:
+    """The run directory's newest loadable checkpoint if its step is past Ray's (None otherwise).
+    Both carry our file name, ``step-NNNNNNNN.pt``, so the names order them."""
+    from ..checkpoint import files
+
+    own = files.newest_loadable(out_dir)
+    if own is None or (ray_file is not None and own.name <= Path(ray_file).name):
+        return None
+    return own
 
 
 def report_checkpoint(path: str | None, metrics: dict[str, Any]) -> None:
