@@ -72,9 +72,10 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Module
 def average_buffers(model: nn.Module, env: DistEnv) -> None:
     """Average floating-point buffers (BatchNorm running mean/var) over ranks, in place.
 
-    Per-rank BatchNorm (the CPU path) updates its running statistics from the local batch after
-    DDP's start-of-forward broadcast, so ranks end an epoch with different statistics. Averaging
-    them before evaluation gives every rank the same model (statistics of all ranks' batches).
+    Per-rank BatchNorm (the CPU path): DDP broadcasts rank 0's buffers at the start of every forward
+    (``broadcast_buffers``, its default), then each rank updates them from its own batch, so the
+    running statistics follow rank 0's batches and the ranks end an epoch differing by their last
+    batch's update. Averaging them before evaluation and export gives every rank the same model.
     One all_reduce of a flat tensor; a no-op without a process group or floating buffers.
     """
     if not env.distributed:
