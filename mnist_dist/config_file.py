@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -77,24 +78,42 @@ def read_mapping(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def _check_type(name: str, value: Any) -> tuple[Any, str | None]:
-    """(the value in the field's type, None) or (None, what is wrong)."""
+def _is_number(value: Any) -> bool:
+    """An int or float that is finite: NaN and infinities pass no numeric check."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def expected(name: str) -> str:
+    """What the field ``name`` takes, in words (for error messages)."""
+    if name == "betas":
+        return "two numbers"
+    if name == "grad_accum":  # the flag takes "auto" or a positive integer (config.grad_accum_steps)
+        return "'auto' or a positive int"
+    return {"float": "finite float"}.get(FIELD_TYPES[name], FIELD_TYPES[name])
+
+
+def check_type(name: str, value: Any) -> tuple[Any, str | None]:
+    """(the value in the field's type, None) or (None, what is wrong: ``NAME (expected ..., got ...)``).
+    The one type check of a field's value: --config files and the sweep's --space and --enqueue."""
     kind = FIELD_TYPES[name]
     if name == "betas":
-        if (isinstance(value, (list, tuple)) and len(value) == 2
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-            return (float(value[0]), float(value[1])), None
-        return None, f"{name} (expected two numbers, got {value!r})"
-    if kind == "bool":
-        ok = isinstance(value, bool)
+        ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) for v in value)
+        checked: Any = (float(value[0]), float(value[1])) if ok else None
+    elif name == "grad_accum":  # a str field, given as "auto", "2" or 2
+        ok = isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+        checked = str(value)
+    elif kind == "bool":
+        ok, checked = isinstance(value, bool), value
     elif kind == "int":
-        ok = isinstance(value, int) and not isinstance(value, bool)
+        ok, checked = isinstance(value, int) and not isinstance(value, bool), value
     elif kind == "float":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        ok = _is_number(value)
+        checked = float(value) if ok else None
     else:
-        ok = isinstance(value, str)
-    return (value, None) if ok else (None, f"{name} (expected {kind}, got {type(value).__name__} {value!r})")
+        ok, checked = isinstance(value, str), value
+    if ok:
+        return checked, None
+    return None, f"{name} (expected {expected(name)}, got {type(value).__name__} {value!r})"
 
 
 def config_values(data: dict[str, Any], source: str) -> dict[str, Any]:
@@ -107,7 +126,7 @@ def config_values(data: dict[str, Any], source: str) -> dict[str, Any]:
         if key not in FIELD_TYPES:
             unknown.append(str(raw_key))
             continue
-        checked, problem = _check_type(key, value)
+        checked, problem = check_type(key, value)
         if problem:
             mistyped.append(problem)
         else:

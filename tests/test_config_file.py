@@ -8,6 +8,7 @@ import pytest
 from conftest import QUIET, REPO, TRAIN_SCRIPT, assert_one_line_error, ok, python, read_json, read_jsonl
 
 from mnist_dist.cli import parse_train_args
+from mnist_dist.errors import UserError
 
 
 def test_toml_yaml_json_set_flags_and_explicit_flags_win(tmp_path):
@@ -47,12 +48,36 @@ def test_the_shipped_recipe_files_resolve_to_what_they_say(tmp_path):
     assert (best.model, best.epochs, best.channels_last, best.augment) == ("best2", 15, True, True)
 
 
+def test_grad_accum_takes_an_int_and_nan_is_mistyped(tmp_path):
+    """grad-accum = 2 in a file, as the flag --grad-accum 2 (the field is a str: "auto" or a number);
+    NaN passes no numeric check."""
+    toml = tmp_path / "c.toml"
+    toml.write_text("grad-accum = 2\n")
+    cfg = parse_train_args(["--config", str(toml), "--out-dir", str(tmp_path / "r")], world_size=1)
+    assert cfg.grad_accum == "2"
+    toml.write_text('grad-accum = "auto"\nmax-micro-batch = 64\n')
+    cfg = parse_train_args(["--config", str(toml), "--out-dir", str(tmp_path / "r")], world_size=1)
+    assert (cfg.grad_accum, cfg.max_micro_batch) == ("auto", 64)
+    for text, needle in (("grad-accum = true\n", "grad_accum (expected 'auto' or a positive int, got bool True)"),
+                         ("grad-accum = -2\n", "grad_accum (expected 'auto' or a positive int, got int -2)"),
+                         ("lr = nan\n", "lr (expected finite float, got float nan)"),
+                         ("lr = inf\n", "lr (expected finite float, got float inf)"),
+                         ("betas = [0.9, nan]\n", "betas (expected two numbers")):
+        toml.write_text(text)
+        with pytest.raises(UserError) as info:
+            parse_train_args(["--config", str(toml), "--out-dir", str(tmp_path / "r")], world_size=1)
+        assert needle in str(info.value), (text, str(info.value))
+
+
 @pytest.mark.slow
 def test_bad_config_files_are_one_error_line(tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text('lr = 0.02\nepochs = "3"\nfoo = 1\nbatch-size = 2.5\nbetas = [0.9]\n')
+    bad.write_text('lr = 0.02\nepochs = "3"\nfoo = 1\nbatch-size = 2.5\nbetas = [0.9]\n'
+                   'weight-decay = nan\ngrad-accum = 0\n')
     line = assert_one_line_error(python(str(TRAIN_SCRIPT), "--config", str(bad)), "unknown keys: foo",
-                                 "epochs (expected int", "batch_size (expected int", "betas (expected two")
+                                 "epochs (expected int", "batch_size (expected int", "betas (expected two",
+                                 "weight_decay (expected finite float, got float nan",
+                                 "grad_accum (expected 'auto' or a positive int, got int 0")
     assert "lr" not in line.split("mistyped")[1].replace("expected", "")  # a good key is not named
     broken = tmp_path / "broken.toml"
     broken.write_text("lr = \n")

@@ -24,6 +24,8 @@ import pytest
 
 from conftest import QUIET, REPO, assert_one_line_error, child_env, ok, python, read_json, read_jsonl
 
+from mnist_dist.errors import UserError
+
 optuna = pytest.importorskip("optuna", reason="the sweep extra is not installed: pip install -e '.[sweep]'")
 
 SWEEP = ("-m", "mnist_dist", "sweep")
@@ -102,6 +104,23 @@ def test_bad_sweep_input_is_one_error_line(tmp_path):
     assert_one_line_error(python("-c", code), "needs Optuna", ".[sweep]")
     # nothing was started: no study, no trial directory
     assert not list((tmp_path / "s").glob("trial-*"))
+
+
+def test_grad_accum_takes_ints_in_a_space_and_nan_is_no_number(tmp_path):
+    from mnist_dist.sweep.space import flag_args, load_space
+
+    space = tmp_path / "space.toml"
+    space.write_text('[grad-accum]\nchoices = [1, 2, "auto"]\n')
+    (param,) = load_space(space)
+    assert param.choices == ("1", "2", "auto") and flag_args("grad_accum", "2") == ["--grad-accum", "2"]
+    for text, needle in (("[grad-accum]\nchoices = [0, 2]\n", "choices must be 'auto' or a positive int values"),
+                         ("[grad-accum]\nchoices = [true]\n", "choices must be 'auto' or a positive int values"),
+                         ("[lr]\nchoices = [0.01, nan]\n", "choices must be finite float values"),
+                         ("[lr]\nlow = nan\nhigh = 0.01\n", "low must be a finite number"),
+                         ("[lr]\nlow = 0.001\nhigh = 0.01\nstep = nan\n", "step must be a finite number")):
+        space.write_text(text)
+        with pytest.raises(UserError, match=needle):
+            load_space(space)
 
 
 def test_a_resumed_study_draws_new_trials_not_its_first_ones_again(tmp_path):

@@ -20,15 +20,12 @@ locate a run (out_dir, resume, data_dir), tracking flags and the pair ``betas`` 
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
-from ..config import TrainConfig
-from ..config_file import toml_module
+from ..config_file import FIELD_TYPES, check_type, expected, toml_module
 from ..errors import UserError
 
-FIELD_TYPES = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
 NOT_SWEPT = {"out_dir": "the sweep gives every trial its own run directory",
              "resume": "the sweep resumes interrupted trials itself",
              "data_dir": "pass it as a fixed flag",
@@ -49,7 +46,7 @@ class Param:
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return flag_name(self.name)
 
     def suggest(self, trial: Any) -> Any:
         """The trial's value (optuna: suggest_int / suggest_float / suggest_categorical)."""
@@ -69,19 +66,16 @@ class Param:
             out["step"] = self.step
         return out
 
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _value_ok(kind: str, value: Any) -> bool:
-    if kind == "bool":
-        return isinstance(value, bool)
-    if kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == "float":
-        return _is_number(value)
-    return isinstance(value, str)
+    def check(self, value: Any) -> tuple[Any, str | None]:
+        """(the value as the trial gets it, None) or (None, what is wrong) for a value given to this
+        parameter (--enqueue): of the flag's type, and one of the choices if it has choices; a range
+        value may lie outside the range."""
+        checked, problem = check_type(self.name, value)
+        if problem:
+            return None, problem
+        if self.kind == "choices" and checked not in self.choices:
+            return None, f"{self.name} ({value!r} is not one of the choices {list(self.choices)!r})"
+        return checked, None
 
 
 def parse_param(name: str, spec: Any) -> Param:
@@ -102,10 +96,11 @@ def parse_param(name: str, spec: Any) -> Param:
             raise UserError(f"--space: [{name}] has choices and {', '.join(sorted(extra))}: use one or the other")
         if not isinstance(choices, list) or not choices:
             raise UserError(f"--space: [{name}] choices must be a non-empty list")
-        bad = [c for c in choices if not _value_ok(kind, c)]
+        checked = [check_type(field, c) for c in choices]
+        bad = [c for c, (_, problem) in zip(choices, checked) if problem]
         if bad:
-            raise UserError(f"--space: [{name}] choices must be {kind} values, got {bad!r}")
-        return Param(field, "choices", choices=tuple(float(c) if kind == "float" else c for c in choices))
+            raise UserError(f"--space: [{name}] choices must be {expected(field)} values, got {bad!r}")
+        return Param(field, "choices", choices=tuple(value for value, _ in checked))
     unknown = set(spec) - RANGE_KEYS
     if unknown:
         raise UserError(f"--space: [{name}] has unknown keys {', '.join(sorted(unknown))} "
@@ -114,23 +109,25 @@ def parse_param(name: str, spec: Any) -> Param:
         raise UserError(f"--space: [{name}] is a {kind} flag: give choices = [...], not a range")
     if "low" not in spec or "high" not in spec:
         raise UserError(f"--space: [{name}] needs low and high (or choices)")
-    low, high, step, log = spec["low"], spec["high"], spec.get("step"), spec.get("log", False)
-    for key, value in (("low", low), ("high", high)) + ((("step", step),) if step is not None else ()):
-        if not _value_ok(kind, value):
-            raise UserError(f"--space: [{name}] {key} must be {'an int' if kind == 'int' else 'a number'}, got {value!r}")
+    bounds = {"low": spec["low"], "high": spec["high"], "step": spec.get("step")}
+    for key, value in bounds.items():
+        if value is not None:
+            bounds[key], problem = check_type(field, value)
+            if problem:
+                raise UserError(f"--space: [{name}] {key} must be {'an int' if kind == 'int' else 'a finite number'}, "
+                                f"got {value!r}")
+    low, high, step, log = bounds["low"], bounds["high"], bounds["step"], spec.get("log", False)
     if not isinstance(log, bool):
         raise UserError(f"--space: [{name}] log must be true or false, got {log!r}")
     if not low < high:
         raise UserError(f"--space: [{name}] needs low < high, got low={low} high={high}")
-    if log and low <= 0:
+    if log and not low > 0:
         raise UserError(f"--space: [{name}] a log scale needs low > 0, got {low}")
     if log and step is not None:
         raise UserError(f"--space: [{name}] takes log or step, not both")
-    if step is not None and step <= 0:
+    if step is not None and not step > 0:
         raise UserError(f"--space: [{name}] step must be positive, got {step}")
-    return Param(field, kind, low=float(low) if kind == "float" else low,
-                 high=float(high) if kind == "float" else high, log=log,
-                 step=None if step is None else (float(step) if kind == "float" else step))
+    return Param(field, kind, low=low, high=high, log=log, step=step)  # floats for a float flag (check_type)
 
 
 def load_space(path: str | Path) -> list[Param]:
@@ -155,9 +152,14 @@ def load_space(path: str | Path) -> list[Param]:
     return params
 
 
+def flag_name(name: str) -> str:
+    """The training flag of the TrainConfig field ``name``: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
 def flag_args(name: str, value: Any) -> list[str]:
     """A training flag with a value, as command-line arguments (bools as --x / --no-x)."""
-    flag = "--" + name.replace("_", "-")
+    flag = flag_name(name)
     if isinstance(value, bool):
-        return [flag if value else "--no-" + name.replace("_", "-")]
+        return [flag if value else "--no-" + flag[2:]]
     return [flag, repr(value) if isinstance(value, float) else str(value)]
