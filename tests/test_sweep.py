@@ -98,12 +98,70 @@ def test_bad_sweep_input_is_one_error_line(tmp_path):
     assert_one_line_error(python(*base, "--space", str(space), "--epochs", "0"), "--epochs must be a positive")
     assert_one_line_error(python(*base, "--space", str(space), "--nproc", "2"), "--nproc > 1 needs --launcher")
     assert_one_line_error(python(*base, "--space", str(space), "--trials", "0"), "--trials must be >= 1")
+    # (more cases, in-process, in test_bad_enqueue_sweep_dir_and_sbatch_args_are_one_error_line)
+    enqueue = tmp_path / "first.toml"
+    enqueue.write_text("trial = 5\n")  # was a TypeError traceback
+    proc = python(*base, "--space", str(space), "--enqueue", str(enqueue))
+    assert proc.returncode == 2 and assert_one_line_error(proc, "expected only [[trial]] tables")
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    proc = python(*SWEEP, "--space", str(space), "--sweep-dir", str(not_a_dir / "s"))  # was a traceback
+    assert proc.returncode == 2 and assert_one_line_error(proc, f"--sweep-dir {not_a_dir / 's'}: cannot create it")
     # without Optuna installed: one line saying which extra to install
     code = ("import sys; sys.modules['optuna'] = None; from mnist_dist.cli import main; "
             f"sys.exit(main({[*SWEEP[2:], '--sweep-dir', str(tmp_path / 's'), '--space', str(space)]!r}))")
     assert_one_line_error(python("-c", code), "needs Optuna", ".[sweep]")
     # nothing was started: no study, no trial directory
     assert not list((tmp_path / "s").glob("trial-*"))
+
+
+def test_bad_enqueue_sweep_dir_and_sbatch_args_are_one_error_line(tmp_path):
+    """Each of these was a traceback, or an Optuna error once the study existed: now one UserError line
+    (the CLI prints it as ``error: ...``, exit 2) naming the file or flag, before any trial starts."""
+    from mnist_dist.sweep.command import sweep_command
+
+    space = tmp_path / "space.toml"
+    space.write_text('[lr]\nlow = 0.001\nhigh = 0.01\nlog = true\n\n[optimizer]\nchoices = ["adam", "sgd"]\n')
+    sweep_dir = tmp_path / "s"
+
+    def error(*argv: str, where: Path = sweep_dir) -> str:
+        with pytest.raises(UserError) as info:
+            sweep_command(["--space", str(space), "--sweep-dir", str(where), "--trials", "1", *argv])
+        assert "\n" not in str(info.value), str(info.value)
+        return str(info.value)
+
+    enqueue = tmp_path / "first.toml"
+    for text, needle in (("trial = 5\n", "expected only [[trial]] tables"),
+                         ("trial = [5]\n", "expected only [[trial]] tables"),
+                         ("[trial]\nlr = 0.005\n", "expected only [[trial]] tables"),
+                         ('[[trial]]\nlr = "x"\n', "trial 1: lr (expected finite float, got str 'x')"),
+                         ("[[trial]]\nlr = 0.005\n[[trial]]\nlr = nan\n", "trial 2: lr (expected finite float"),
+                         ('[[trial]]\nlr = 0.5\noptimizer = "adamw"\n', "'adamw' is not one of the choices"),
+                         ("[[trial]]\nepochs = 2\n", "epochs is not in the --space")):
+        enqueue.write_text(text)
+        assert needle in error("--enqueue", str(enqueue)), text
+        assert not sweep_dir.exists()  # checked before the study exists (Optuna raised only after)
+    assert "No closing quotation" in error("--launcher", "slurm", "--sbatch-args=--partition='gpu")
+    assert not sweep_dir.exists()
+
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    assert error(where=a_file / "s").startswith(f"--sweep-dir {a_file / 's'}: cannot create it")
+    assert error(where=a_file) == f"--sweep-dir {a_file}: exists and is not a directory"
+    for text, needle in (("{not json", "sweep.json: not valid JSON"), ("[1, 2]", "expected a JSON object")):
+        (sweep_dir / "sweep.json").parent.mkdir(exist_ok=True)
+        (sweep_dir / "sweep.json").write_text(text)
+        line = error()
+        assert line.startswith(str(sweep_dir / "sweep.json")) and needle in line, line
+    assert not (sweep_dir / "study.db").exists()
+
+
+def test_sweep_help_states_real_defaults():
+    from mnist_dist.sweep.command import build_parser
+
+    text = build_parser().format_help()
+    assert "(default: None)" not in text and "default 20" in text
+    assert "--sbatch-args=--partition=gpu" in " ".join(text.split())  # the example stays whole
 
 
 def test_grad_accum_takes_ints_in_a_space_and_nan_is_no_number(tmp_path):

@@ -1,7 +1,7 @@
 """``mnist-dist sweep``: an Optuna study whose trials are real training runs.
 
     python -m mnist_dist sweep --space sweeps/example.toml --trials 8 --parallel 2 \\
-        --sweep-dir sweeps/runs/example [--launcher local|torchrun|slurm] [--nproc K] \\
+        --sweep-dir runs/sweep-example [--launcher local|torchrun|slurm] [--nproc K] \\
         [--metric test_accuracy --direction maximize] [train flags, e.g. --max-steps 200 --eval-every 50]
 
 The loop: ask Optuna (TPE) for a trial, start it as a run in ``DIR/trial-NNNN/`` with the fixed flags
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,13 +25,24 @@ from typing import Any, Sequence
 from ..errors import UserError
 from ..outputs.rundir import atomic_write_json
 from .driver import PRUNABLE, Sweep
-from .launchers import LocalLauncher, SlurmLauncher
-from .space import Param, load_space
+from .launchers import LocalLauncher, SlurmLauncher, split_sbatch_args
+from .space import Param, flag_name, load_space
 
 STATE_FILE = "sweep.json"
 METRICS = ("test_accuracy", "test_loss", "test_correct", "train_seconds", "seconds_to_target", "steps_to_target")
 SET_BY_SWEEP = ("out_dir", "resume")
 PATH_FLAGS = ("--config", "--data-dir")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Help texts wrapped at spaces only, so that an example such as --sbatch-args=--partition=gpu
+    stays whole. Each help text states its default itself (ArgumentDefaultsHelpFormatter printed
+    "(default: None)" for the flags whose default depends on others)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,29 +51,41 @@ def build_parser() -> argparse.ArgumentParser:
         description="Hyper-parameter sweep on Optuna (TPE sampler, median pruner): every trial is a real "
                     "training run in DIR/trial-NNNN/. Arguments not listed here are fixed training flags "
                     "given to every trial. Running the same command again continues the sweep.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--space", required=True, help="TOML search space: one table per flag (low/high/log/step or choices)")
-    p.add_argument("--trials", type=int, default=20, help="trials in the study in all (earlier runs of the command count)")
-    p.add_argument("--parallel", type=int, default=1, help="trials running at the same time")
-    p.add_argument("--sweep-dir", required=True, help="the study, its outputs and one run directory per trial")
+        formatter_class=HelpFormatter)
+    p.add_argument("--space", required=True, metavar="FILE",
+                   help="TOML search space: one table per flag (low/high/log/step or choices)")
+    p.add_argument("--trials", type=int, default=20, metavar="N",
+                   help="trials in the study in all (earlier runs of the command count); default 20")
+    p.add_argument("--parallel", type=int, default=1, metavar="P", help="trials running at the same time; default 1")
+    p.add_argument("--sweep-dir", required=True, metavar="DIR",
+                   help="the study, its outputs and one run directory per trial, e.g. runs/sweep-NAME")
     p.add_argument("--launcher", choices=("local", "torchrun", "slurm"), default="local",
-                   help="local: python subprocesses; torchrun: K ranks per trial; slurm: sbatch --array over slurm/train.sbatch")
-    p.add_argument("--nproc", type=int, default=None, help="ranks per trial (torchrun: per trial; slurm: per node); default 1")
-    p.add_argument("--metric", default="test_accuracy", choices=METRICS, help="summary.json value to optimise")
+                   help="local (the default): python subprocesses; torchrun: K ranks per trial; "
+                        "slurm: sbatch --array over slurm/train.sbatch")
+    p.add_argument("--nproc", type=int, default=None, metavar="K",
+                   help="ranks per trial (torchrun: per trial; slurm: per node); default 1")
+    p.add_argument("--metric", default="test_accuracy", choices=METRICS,
+                   help="summary.json value to optimise; default test_accuracy")
     p.add_argument("--direction", choices=("maximize", "minimize"), default=None,
                    help="default: maximize for test_accuracy and test_correct, else minimize")
     p.add_argument("--study-name", default=None, help="default: the sweep directory's name")
-    p.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler")
-    p.add_argument("--prune-startup", type=int, default=5, help="completed trials before pruning starts")
-    p.add_argument("--prune-warmup", type=int, default=0,
+    p.add_argument("--sampler-seed", type=int, default=0, metavar="SEED", help="seed of the TPE sampler; default 0")
+    p.add_argument("--prune-startup", type=int, default=5, metavar="S",
+                   help="completed trials before pruning starts; default 5")
+    p.add_argument("--prune-warmup", type=int, default=0, metavar="IMAGES",
                    help="training images a trial sees before it can be pruned (the pruner's steps are images "
-                        "seen, global step x global batch, so trials of different batch sizes compare)")
+                        "seen, global step x global batch, so trials of different batch sizes compare); default 0")
     p.add_argument("--no-prune", action="store_true", help="never prune")
-    p.add_argument("--enqueue", default=None, help="TOML file of [[trial]] tables: values a new study tries first (e.g. "
-                                                  "the current recipe); they may lie outside the space")
-    p.add_argument("--sbatch-args", default="", help="extra sbatch options for --launcher slurm, e.g. '--partition=gpu'")
-    p.add_argument("--poll", type=float, default=1.0, help="seconds between looks at the running trials")
-    p.add_argument("--stop-timeout", type=float, default=180.0, help="seconds the trials get to checkpoint after a stop signal")
+    p.add_argument("--enqueue", default=None, metavar="FILE",
+                   help="TOML file of [[trial]] tables: values a new study tries first (e.g. the current "
+                        "recipe); a range's value may lie outside it, a choice must be one of the choices")
+    p.add_argument("--sbatch-args", default="", metavar="OPTIONS",
+                   help="extra sbatch options for --launcher slurm, given with '=' (a separate value that "
+                        "starts with -- is taken for a flag), e.g. --sbatch-args=--partition=gpu")
+    p.add_argument("--poll", type=float, default=1.0, metavar="SECONDS",
+                   help="seconds between looks at the running trials; default 1")
+    p.add_argument("--stop-timeout", type=float, default=180.0, metavar="SECONDS",
+                   help="seconds the trials get to checkpoint after a stop signal; default 180")
     return p
 
 
@@ -93,7 +117,7 @@ def check_train_flags(fixed: list[str], params: list[Param], world: int) -> Any:
     explicit = {k for k, v in vars(build_train_parser().parse_args(fixed)).items() if v is not None}
     for name in SET_BY_SWEEP:
         if name in explicit:
-            raise UserError(f"--{name.replace('_', '-')} is set by the sweep for every trial (DIR/trial-NNNN, --resume auto)")
+            raise UserError(f"{flag_name(name)} is set by the sweep for every trial (DIR/trial-NNNN, --resume auto)")
     both = sorted(p.flag for p in params if p.name in explicit)
     if both:
         raise UserError(f"{', '.join(both)} is both a fixed flag and in the --space; drop one")
@@ -101,31 +125,43 @@ def check_train_flags(fixed: list[str], params: list[Param], world: int) -> Any:
 
 
 def read_enqueue(path: str | None, params: list[Param]) -> list[dict[str, Any]]:
+    """The trials of the --enqueue file, each value checked against the space (as Optuna would only
+    once the study exists)."""
     if not path:
         return []
     from ..config_file import toml_module
 
     toml = toml_module()
     try:
-        trials = toml.loads(Path(path).read_text()).get("trial", [])
-    except (OSError, toml.TOMLDecodeError) as exc:
-        raise UserError(f"--enqueue {path}: {exc}") from None
-    names = {p.name for p in params}
+        data = toml.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"--enqueue {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"--enqueue {path}: cannot read it: {exc}") from None
+    except toml.TOMLDecodeError as exc:
+        raise UserError(f"--enqueue {path}: not valid TOML: {exc}") from None
+    trials = data.get("trial", [])
+    other = sorted(set(data) - {"trial"})
+    if other or not isinstance(trials, list) or not all(isinstance(t, dict) for t in trials):
+        found = f"top-level keys {', '.join(other)}" if other else f"trial = {trials!r}"
+        raise UserError(f"--enqueue {path}: expected only [[trial]] tables (one per trial, flag = value), "
+                        f"found {found}")
+    by_name = {p.name: p for p in params}
     out = []
-    for values in trials:
-        values = {str(k).replace("-", "_"): v for k, v in values.items()}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise UserError(f"--enqueue {path}: {', '.join(unknown)} not in the --space")
+    for i, given in enumerate(trials):
+        where = f"--enqueue {path}: trial {i + 1}"
+        values: dict[str, Any] = {}
+        for key, value in given.items():
+            name = str(key).replace("-", "_")
+            if name not in by_name:
+                raise UserError(f"{where}: {key} is not in the --space")
+            if name in values:
+                raise UserError(f"{where}: {name} given twice (as a-b and a_b)")
+            values[name], problem = by_name[name].check(value)
+            if problem:
+                raise UserError(f"{where}: {problem}")
         out.append(values)
     return out
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def plan_resources(args: argparse.Namespace, cfg: Any) -> tuple[int | None, int]:
@@ -139,7 +175,9 @@ def plan_resources(args: argparse.Namespace, cfg: Any) -> tuple[int | None, int]
             raise UserError(f"--parallel {args.parallel} x --nproc {k} = {args.parallel * k} GPUs, "
                             f"but {_cuda_count()} are visible")
         return None, k
-    cores = usable_cores()
+    from ..dist import usable_cpu_count  # imports torch: not for the checks before
+
+    cores = usable_cpu_count()
     if args.parallel * k > cores:
         raise UserError(f"--parallel {args.parallel} x --nproc {k} = {args.parallel * k} processes, "
                         f"but only {cores} CPU cores are usable: lower --parallel")
@@ -163,8 +201,9 @@ def sweep_command(argv: Sequence[str]) -> int:
     if args.nproc not in (None, 1) and args.launcher == "local":
         raise UserError("--nproc > 1 needs --launcher torchrun or slurm (local runs one process per trial)")
     args.nproc = args.nproc or 1
-    if args.poll <= 0 or args.stop_timeout <= 0:
-        raise UserError("--poll and --stop-timeout must be positive")
+    if not (0 < args.poll < math.inf and 0 < args.stop_timeout < math.inf):  # NaN fails too
+        raise UserError(f"--poll and --stop-timeout must be positive numbers of seconds, got "
+                        f"{args.poll} and {args.stop_timeout}")
     if args.prune_startup < 0 or args.prune_warmup < 0:
         raise UserError("--prune-startup and --prune-warmup must be >= 0")
     args.direction = args.direction or ("maximize" if args.metric in ("test_accuracy", "test_correct") else "minimize")
@@ -172,10 +211,10 @@ def sweep_command(argv: Sequence[str]) -> int:
     fixed = absolute_paths(fixed)
     cfg = check_train_flags(fixed, params, world=args.nproc)
     enqueued = read_enqueue(args.enqueue, params)
+    split_sbatch_args(args.sbatch_args)  # the SLURM launcher splits them again; an unclosed quote fails now
     threads, gpus_per_trial = plan_resources(args, cfg)
     optuna = import_optuna()
-    sweep_dir = Path(args.sweep_dir).resolve()
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    sweep_dir = make_sweep_dir(args.sweep_dir)
     name = args.study_name or sweep_dir.name
     given = list(fixed)  # what the study is started with (the additions below depend on --parallel)
     if cfg.wandb and not cfg.wandb_group:
@@ -190,6 +229,8 @@ def sweep_command(argv: Sequence[str]) -> int:
         lock.acquire(timeout=0)
     except Timeout:
         raise UserError(f"another sweep is running on {sweep_dir} (it holds {sweep_dir / '.sweep.lock'})") from None
+    except OSError as exc:
+        raise UserError(f"--sweep-dir {sweep_dir}: cannot create its lock file: {exc.strerror or exc}") from None
     try:
         study = open_study(optuna, args, params, given, sweep_dir, name)
         if not study.get_trials(deepcopy=False):  # a new study: its first trials (kept in the storage)
@@ -202,6 +243,34 @@ def sweep_command(argv: Sequence[str]) -> int:
         lock.release()
 
 
+def make_sweep_dir(path: str) -> Path:
+    """--sweep-dir, created if needed, as an absolute path; one error line when it cannot be."""
+    sweep_dir = Path(path).resolve()
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"--sweep-dir {sweep_dir}: exists and is not a directory") from None
+    except OSError as exc:  # a parent is a file (ENOTDIR), permission denied, read-only file system ...
+        raise UserError(f"--sweep-dir {sweep_dir}: cannot create it: {exc.strerror or exc}") from None
+    if not os.access(sweep_dir, os.W_OK | os.X_OK):
+        raise UserError(f"--sweep-dir {sweep_dir}: not writable (permission denied)")
+    return sweep_dir
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """DIR/sweep.json, what the sweep in DIR was started with; one error line when it is not that."""
+    fix = "restore it from the command that started the sweep, or use a new --sweep-dir"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read it: {getattr(exc, 'strerror', None) or exc}; {fix}") from None
+    except ValueError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc}); {fix}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: expected a JSON object (the sweep's settings), got {type(state).__name__}; {fix}")
+    return state
+
+
 def open_study(optuna: Any, args: argparse.Namespace, params: list[Param], fixed: list[str], sweep_dir: Path,
                name: str) -> Any:
     """Create the study, or load it when the same sweep was started before in this directory."""
@@ -209,8 +278,8 @@ def open_study(optuna: Any, args: argparse.Namespace, params: list[Param], fixed
              "metric": args.metric, "direction": args.direction,
              "storage": "study.journal" if args.launcher == "slurm" else "study.db"}
     path = sweep_dir / STATE_FILE
-    if path.is_file():
-        before = json.loads(path.read_text())
+    if path.exists():
+        before = read_state(path)
         differ = sorted(k for k in state if before.get(k) != state[k])
         if differ:
             raise UserError(f"{sweep_dir} holds a sweep with a different {', '.join(differ)}; run the same command "

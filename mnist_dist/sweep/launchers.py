@@ -116,6 +116,14 @@ class LocalLauncher:
         return None  # a local trial never outlives its sweep (PR_SET_PDEATHSIG)
 
 
+def split_sbatch_args(text: str) -> list[str]:
+    """--sbatch-args as sbatch's arguments (shell quoting); an unclosed quote is one error line."""
+    try:
+        return shlex.split(text)
+    except ValueError as exc:  # shlex: "No closing quotation", "No escaped character"
+        raise UserError(f"--sbatch-args {text!r}: {exc} (give the options as on a shell command line)") from None
+
+
 class SlurmLauncher:
     """One ``sbatch --array`` per group of trials asked for together, over ``slurm/train.sbatch``."""
 
@@ -125,7 +133,7 @@ class SlurmLauncher:
                  script: Path = SBATCH_SCRIPT) -> None:
         self.dir = sweep_dir / "slurm"
         self.sweep_name, self.nproc, self.script = sweep_name, nproc, script
-        self.sbatch_args = shlex.split(sbatch_args)
+        self.sbatch_args = split_sbatch_args(sbatch_args)
         self.states: dict[str, str] = {}
         if not script.is_file():
             raise UserError(f"--launcher slurm: {script} not found (a checkout of the repository has it)")
