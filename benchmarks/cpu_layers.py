@@ -80,7 +80,7 @@ def main() -> None:
         sys.exit("error: --threads, --batch and --steps must be positive")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    steps_per_epoch = -(-60_000 // args.batch)
+    steps_per_epoch = 60_000 // args.batch  # training drops the last partial batch
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.steps} timed steps")
     print(f"{'network':38s} {'layout':14s} {'ms/step':>8s} {'s/epoch':>8s}")
     for name, build in CANDIDATES.items():

@@ -1,4 +1,5 @@
-"""``python -m mnist_dist [train|evaluate|download] ...``"""
+"""``python -m mnist_dist [COMMAND] ...``: train (the default), evaluate, download, plot, predict,
+export, doctor, ray, sweep (mnist_dist/cli.py's COMMANDS)."""
 
 from .cli import main
 

@@ -1,4 +1,5 @@
-"""Command line: ``mnist-dist [train] ...``, ``evaluate``, ``download``, ``sweep`` (mnist_dist/sweep/).
+"""Command line: ``mnist-dist [train] ...`` and the other commands of ``COMMANDS`` (evaluate, download,
+plot, predict, export, doctor, ray, sweep).
 
 The train flags are generated from ``TrainConfig`` (one flag per field, its help from the field).
 Every command runs inside ``guarded``: a UserError becomes one ``error: ...`` line and exit code 2.
@@ -17,8 +18,6 @@ from typing import Any, Callable, Sequence
 from .config import RECIPES, TrainConfig, resolve_config, validate_config
 from .errors import EXIT_RANK_FAILURE, EXIT_STOPPED, EXIT_USER_ERROR, RankFailure, StopTraining, UserError
 
-SUBCOMMANDS = ("train", "evaluate", "download", "plot", "predict", "export", "doctor", "ray", "sweep")
-
 # fields whose flag differs from --field-name or that need special handling
 _NEGATIVE_FLAGS = {"download": "--no-download", "progress": "--no-progress"}
 
@@ -34,12 +33,11 @@ def build_train_parser(prog: str = "mnist-dist train") -> argparse.ArgumentParse
         prog=prog,
         description=(
             "Train a CNN on MNIST, plain or with DistributedDataParallel. Launch with python "
-            "(one process) or torchrun (any number of processes and nodes). Other commands: "
-            "`mnist-dist evaluate --run-dir DIR`, `mnist-dist download --data-dir DIR`, "
-            "`mnist-dist sweep --space FILE --sweep-dir DIR` (Optuna; see its --help)."
+            "(one process) or torchrun (any number of processes and nodes). Other commands "
+            f"(`mnist-dist COMMAND --help`): {', '.join(c for c in COMMANDS if c != 'train')}."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    from_recipe = {key for recipe in RECIPES.values() for key in recipe}
     for f in dataclasses.fields(TrainConfig):
         help_text = f.metadata.get("help", "")
         if f.name in _NEGATIVE_FLAGS:
@@ -59,6 +57,9 @@ def build_train_parser(prog: str = "mnist-dist train") -> argparse.ArgumentParse
                               "else ./data")
         elif f.name == "out_dir":
             kwargs["help"] = "run directory for config/metrics/summary/weights (default: runs/<timestamp>)"
+        if "default" not in kwargs["help"] and f.type not in ("bool", bool):
+            shown = "from the recipe" if f.name in from_recipe else f.default if f.default != "" else "empty"
+            kwargs["help"] += f" (default: {shown})".replace("%", "%%")
         if f.type in ("bool", bool):
             kwargs.update(action=argparse.BooleanOptionalAction)
         elif f.name == "betas":
@@ -226,7 +227,7 @@ def guarded(func: Callable[[], int | None]) -> int:
 
 
 def dispatch(argv: Sequence[str]) -> int:
-    """``[train] FLAGS`` | ``evaluate FLAGS`` | ``download FLAGS``; train is the default command."""
+    """``COMMAND FLAGS`` for a command of ``COMMANDS``; train is the default command."""
     argv = list(argv)
     if argv and argv[0] in COMMANDS:
         return COMMANDS[argv[0]](argv[1:])

@@ -7,6 +7,7 @@ Resolution order, lowest to highest priority:
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ LOADERS = ("tensor", "dataloader")
 SCHEDULES = ("onecycle", "constant", "cosine")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 BACKENDS = ("auto", "nccl", "gloo")
+MAX_THREADS = 1024  # --threads: far above any machine's cores (torch crashes at 100,000)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -92,8 +94,8 @@ class TrainConfig:
                               "BN layer). Default: per-rank BatchNorm, running stats averaged before evaluation")
     channels_last: bool = _f(False, "channels_last memory format for the model and its input batches")
     compile: bool = _f(False, "torch.compile the training model (see --compile-mode)")
-    compile_mode: str = _f("default", "torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune (also CUDA graphs) | "
-                                      "max-autotune | max-autotune-no-cudagraphs")
+    compile_mode: str = _f("default", "torch.compile mode: default | reduce-overhead (CUDA graphs) | "
+                                      "max-autotune (also CUDA graphs) | max-autotune-no-cudagraphs")
     cudnn_benchmark: bool = _f(False, "torch.backends.cudnn.benchmark (CUDA only; picks the fastest kernels)")
     deterministic: bool = _f(False, "deterministic kernels: torch.use_deterministic_algorithms, cuDNN deterministic "
                                     "(no benchmark), CUBLAS_WORKSPACE_CONFIG; makes CUDA resume bit-identical "
@@ -217,6 +219,10 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
         raise UserError(f"--eval-batch-size must be a positive integer, got {cfg.eval_batch_size}")
     if not cfg.lr > 0:
         raise UserError(f"--lr must be positive, got {cfg.lr}")
+    if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
+        raise UserError(f"--betas must be two numbers in [0, 1), got {' '.join(map(str, cfg.betas))}")
+    if not cfg.weight_decay >= 0:
+        raise UserError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
     for name, value, choices in (
         ("--amp", cfg.amp, AMP_MODES),
         ("--loader", cfg.loader, LOADERS),
@@ -233,11 +239,14 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     for flag, value in (("--grad-clip", cfg.grad_clip), ("--num-workers", cfg.num_workers),
                         ("--threads", cfg.threads), ("--checkpoint-every", cfg.checkpoint_every),
                         ("--keep", cfg.keep)):
-        if value < 0:
+        if not value >= 0:  # NaN fails too
             raise UserError(f"{flag} must be >= 0, got {value}")
+    if cfg.threads > MAX_THREADS:  # torch.set_num_threads crashes the process far above the core count
+        raise UserError(f"--threads {cfg.threads} is more than {MAX_THREADS}; this machine has "
+                        f"{os.cpu_count()} CPUs (0 = usable cores // local world size)")
     for flag, value in (("--dist-timeout", cfg.dist_timeout), ("--stop-check-every", cfg.stop_check_every),
                         ("--log-every", cfg.log_every)):
-        if value <= 0:
+        if not value > 0:
             raise UserError(f"{flag} must be positive, got {value}")
     from .outputs.tracking import validate_tracking  # --wandb-* flags and the optional packages they need
 
@@ -249,7 +258,7 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
         raise UserError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
     for name, value in (("--aug-degrees", cfg.aug_degrees), ("--aug-shift", cfg.aug_shift),
                         ("--warmup-steps", cfg.warmup_steps), ("--eval-every", cfg.eval_every)):
-        if value < 0:
+        if not value >= 0:
             raise UserError(f"{name} must be >= 0, got {value}")
     if not 0.0 <= cfg.aug_scale < 1.0:
         raise UserError(f"--aug-scale must be in [0, 1), got {cfg.aug_scale}")

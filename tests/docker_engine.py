@@ -1,6 +1,6 @@
 """A Docker engine and a locally made base image for tests/test_docker.py (no registry is reachable).
 
-``engine(log_dir)`` uses the daemon that answers ``docker info`` or, as root, starts ``dockerd`` in the
+``Engine(log_dir).start()`` uses the daemon that answers ``docker info`` or, as root, starts ``dockerd`` in the
 background (stopped by PID afterwards); it returns why not when neither works. ``standin_base()``
 makes a small stand-in for a PyTorch base image: Debian bookworm from ``debootstrap`` (the Debian
 mirror apt uses here), imported with ``docker import``, plus a venv with a CPU torch wheel — a local one

@@ -23,6 +23,10 @@ def train(*args: str, timeout: float = 120):
     (["--epochs", "0"], "--epochs must be a positive integer"),
     (["--epochs", "-1"], "--epochs must be a positive integer"),
     (["--amp", "fp16", "--device", "cpu", "--max-steps", "1"], "--amp fp16 needs a CUDA device"),
+    (["--betas", "2", "0.5"], "--betas must be two numbers in [0, 1), got 2.0 0.5"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0, got -1.0"),
+    (["--aug-degrees", "nan"], "--aug-degrees must be >= 0, got nan"),
+    (["--threads", "100000"], "--threads 100000 is more than 1024"),
 ])
 def test_bad_flags(args, needle, tmp_path):
     proc = train(*args, "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"))

@@ -111,17 +111,27 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(straight_run, mnist
     (out / "summary.json").unlink()
     newest = out / "checkpoints" / "step-00000030.pt"
     newest.write_bytes(newest.read_bytes()[:1000])
+    # the crash also cut the logs' last writes short: torn lines, no newline
+    for name in ("metrics.jsonl", "evaluations.jsonl"):
+        with open(out / name, "a") as fh:
+            fh.write('{"epoch": 3, "global_st')
     # the world size must match mid-epoch, so resume with 2 ranks; step 25 is mid-epoch 2
     proc = ok(torchrun(2, *train_flags(mnist_root, out, "--resume", "auto")))
     assert "warning: skipping unusable checkpoint" in proc.stderr and "step-00000030.pt" in proc.stderr
     assert "resumed from" in proc.stdout and "step-00000025.pt" in proc.stdout
+    assert proc.stderr.count("dropping an unreadable line") == 2
     assert_bitwise_equal(straight_run, out)
+    assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    evaluations = [[(e["global_step"], e["test_correct"]) for e in read_jsonl(run / "evaluations.jsonl")]
+                   for run in (out, straight_run)]
+    assert evaluations[0] == evaluations[1]
 
 
 @pytest.mark.parametrize("damage, needle", [
     ("truncated", "is corrupt or truncated"),
     ("foreign", "is not an mnist-dist checkpoint"),
     ("missing", "does not exist"),
+    ("directory", "is a directory; pass a checkpoint file"),
 ])
 def test_explicit_bad_checkpoint_is_one_clear_error(straight_run, mnist_root, tmp_path, damage, needle):
     bad = tmp_path / "bad.pt"
@@ -129,6 +139,8 @@ def test_explicit_bad_checkpoint_is_one_clear_error(straight_run, mnist_root, tm
         bad.write_bytes((straight_run / "checkpoints" / "step-00000030.pt").read_bytes()[:5000])
     elif damage == "foreign":
         torch.save({"model": {}}, bad)
+    elif damage == "directory":
+        bad.mkdir()
     proc = python(*train_flags(mnist_root, tmp_path / "run", "--resume", str(bad)))
     assert proc.returncode == 2
     assert_one_line_error(proc, needle, str(bad))
@@ -144,8 +156,10 @@ def test_mid_epoch_checkpoint_resumes_at_another_world_size_but_not_with_other_f
     assert "at epoch 2 step 10 (global step 25)" in resumed.stdout
     summary = read_json(tmp_path / "run" / "summary.json")
     assert summary["global_step"] == 30 and summary["world_sizes"] == [2, 1]
-    changed = python(*train_flags(mnist_root, tmp_path / "run2", "--resume", str(mid), "--lr", "0.5"))
-    assert_one_line_error(changed, "--lr 0.01 (now 0.5)")
+    changed = python(*train_flags(mnist_root, tmp_path / "run2", "--resume", str(mid), "--lr", "0.5",
+                                  "--betas", "0.9", "0.99", "--grad-clip", "1"))
+    assert_one_line_error(changed, "--lr 0.01 (now 0.5)", "--betas [0.7, 0.9] (now [0.9, 0.99])",
+                          "--grad-clip 0.0 (now 1.0)")
 
 
 def _worker_pids(agent_pid: int) -> dict[int, int]:

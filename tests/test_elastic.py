@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import (QUIET, REPO, TRAIN_SCRIPT, assert_one_line_error, child_env, free_port, last_json_line,
-                      ok, python, read_json, read_jsonl, run, torchrun)
+                      ok, python, read_json, read_jsonl, torchrun)
 from mnist_dist import checkpoint
 
 

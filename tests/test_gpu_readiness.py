@@ -4,13 +4,12 @@ fails without its fix (the CUDA-only parts are in test_gpu.py, marked `gpu`)."""
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
 
-from conftest import (QUIET, TRAIN_SCRIPT, assert_one_line_error, child_env, free_port, last_json_line, ok,
-                      python, read_json, run, torchrun)
+from conftest import (QUIET, TRAIN_SCRIPT, assert_one_line_error, child_env, last_json_line, ok, python,
+                      read_json, torchrun)
 from test_outputs_extra import check_export
 
 from mnist_dist.checkpoint import files as checkpoint_files

@@ -7,7 +7,6 @@ import copy
 import importlib.util
 import re
 import shutil
-from pathlib import Path
 from typing import Any, Callable
 
 import pytest

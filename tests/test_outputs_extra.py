@@ -217,6 +217,7 @@ def test_image_conversion_polarity_and_blank(tmp_path):
     (["plot", "--run-dir", "/nonexistent/run"], "run directory /nonexistent/run does not exist"),
     (["predict", "--run-dir", "/nonexistent/run", "x.png"], "run directory /nonexistent/run does not exist"),
     (["export", "--run-dir", "/nonexistent/run"], "run directory /nonexistent/run does not exist"),
+    (["evaluate", "--run-dir", "/nonexistent/run", "--dist-timeout", "-5"], "--dist-timeout must be positive"),
 ])
 def test_run_dir_commands_bad_input(command, needle):
     proc = python("-m", "mnist_dist", *command, timeout=120)
@@ -226,9 +227,23 @@ def test_run_dir_commands_bad_input(command, needle):
 
 PREDICT_UNDER_TORCHRUN = textwrap.dedent("""
     import json, sys
+    import torch
     from mnist_dist import data, dist
+    from mnist_dist.data.batches import eval_shard
     from mnist_dist.outputs.rundir import load_run_model
-    from mnist_dist.outputs.report import confusion, test_predictions
+    from mnist_dist.outputs.report import confusion
+
+    @torch.no_grad()
+    def test_predictions(model, images, env, batch_size):
+        # an independent second computation: a forward pass over this rank's contiguous shard into
+        # a zero vector, one all_reduce(SUM) of the disjoint shards
+        shard = eval_shard(len(images), env.rank, env.world_size)
+        predicted = torch.zeros(len(images), dtype=torch.int64)
+        model.eval()
+        for start in range(shard.start, shard.stop, batch_size):
+            stop = min(start + batch_size, shard.stop)
+            predicted[start:stop] = model(images[start:stop]).argmax(dim=1)
+        return dist.all_reduce_sum(predicted, env)
 
     run, root = sys.argv[1], sys.argv[2]
     env = dist.setup("gloo", "cpu", 120.0)

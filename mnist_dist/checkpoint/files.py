@@ -87,6 +87,9 @@ def prune(out_dir: str | os.PathLike, keep: int) -> None:
 def load(path: str | os.PathLike, map_location: torch.device | str = "cpu") -> dict[str, Any]:
     """Load and check a checkpoint; any problem is a UserError naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a directory; pass a checkpoint file (DIR/checkpoints/step-*.pt), "
+                        f"or --resume auto --out-dir DIR")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:

@@ -25,8 +25,9 @@ from ..models import clean_state_dict
 from . import files
 
 # Training flags that must not change between a checkpoint and its resume.
-RESUME_KEYS = ("model", "batch_size", "epochs", "max_steps", "lr", "optimizer", "schedule", "seed",
-               "normalize", "label_smoothing", "weight_decay")
+RESUME_KEYS = ("model", "batch_size", "epochs", "max_steps", "lr", "optimizer", "betas", "schedule", "seed",
+               "normalize", "label_smoothing", "weight_decay", "grad_clip", "augment", "aug_degrees",
+               "aug_shift", "aug_scale")
 
 
 def capture(trainer: Any) -> dict[str, Any] | None:
@@ -109,9 +110,10 @@ def check_resume_compatible(cfg: TrainConfig, env: DistEnv, state: dict[str, Any
     """The flags that shape the math must match; world size, nodes, --grad-accum, --amp may change
     (the data position is world-size free: a mid-epoch checkpoint resumes at any world size)."""
     saved = state["config"]
-    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != getattr(cfg, k)]
+    now = cfg.to_json()  # as config.json writes it (betas as a list)
+    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != now[k]]
     if changed:
-        detail = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {getattr(cfg, k)})" for k in changed)
+        detail = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {now[k]})" for k in changed)
         raise UserError(f"checkpoint {source} was written with {detail}; resume with the same training flags")
     samples = state.get("epoch_samples")
     if samples is not None and samples != int(state["step_in_epoch"]) * cfg.batch_size:

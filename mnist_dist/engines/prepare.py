@@ -59,7 +59,8 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Module
                         f"on the CPU use --compile-mode default")
     if cfg.sync_bn and env.distributed and env.device.type == "cuda" and has_batchnorm(model):
         # Batch statistics over the GLOBAL batch: every rank normalises with the same mean/var,
-        # so N ranks x B/N behave like one rank x B. Works with gloo on the CPU and NCCL on CUDA.
+        # so N ranks x B/N behave like one rank x B. CUDA only: SyncBatchNorm needs CUDA tensors
+        # (the CPU path keeps per-rank BatchNorm and averages the running statistics instead).
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -9,7 +9,6 @@ leave — no rank-0-only work ever sits inside a collective window.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -17,32 +16,9 @@ from typing import Any
 
 import torch
 
-from ..data.batches import eval_shard
 from ..data.mnist import NUM_CLASSES
 from ..dist import DistEnv, all_reduce_sum
 from .rundir import atomic_write_bytes
-
-
-@torch.no_grad()
-def test_predictions(model: torch.nn.Module, images: torch.Tensor, env: DistEnv, batch_size: int = 1000,
-                     autocast: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
-    """Predicted class of every test image, on every rank. Call on EVERY rank with the raw module.
-
-    Each rank predicts its contiguous shard (as ``loop/evaluate.py`` does) into a zero vector of
-    length N; one all_reduce(SUM) assembles all N predictions exactly (shards are disjoint).
-    """
-    n = len(images)
-    shard = eval_shard(n, env.rank, env.world_size)
-    predicted = torch.zeros(n, dtype=torch.int64, device=images.device)
-    was_training = model.training
-    model.eval()
-    for start in range(shard.start, shard.stop, batch_size):
-        stop = min(start + batch_size, shard.stop)
-        with autocast or contextlib.nullcontext():
-            logits = model(images[start:stop])
-        predicted[start:stop] = logits.float().argmax(dim=1)
-    model.train(was_training)
-    return all_reduce_sum(predicted, env).cpu()
 
 
 def confusion(labels: torch.Tensor, predicted: torch.Tensor) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import json
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -100,12 +101,21 @@ class RunDir:
         self._append(EVALUATIONS_FILE, record)
 
     def _truncate(self, name: str, key: str, last: int) -> None:
-        """Drop records whose ``key`` is after ``last`` (a resume redoes them), atomically."""
+        """Drop records whose ``key`` is after ``last`` (a resume redoes them), atomically. A line
+        that does not parse (the torn last line of a crash mid-write) is dropped with a warning."""
         path = self.path / name
         if not self.enabled or not path.is_file():
             return
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get(key, 0) <= last]
+        kept = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line) if line.strip() else None
+            except ValueError:
+                record = None
+                print(f"warning: {path}: dropping an unreadable line (a write cut short by a crash?): "
+                      f"{line[:80]!r}", file=sys.stderr, flush=True)
+            if isinstance(record, dict) and record.get(key, 0) <= last:
+                kept.append(line)
         atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
     def truncate_metrics(self, after_epoch: int) -> None:

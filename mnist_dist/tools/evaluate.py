@@ -33,6 +33,8 @@ def evaluate_command(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     if args.batch_size <= 0:
         raise UserError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if not args.dist_timeout > 0:
+        raise UserError(f"--dist-timeout must be positive, got {args.dist_timeout}")
     root = data.resolve_data_dir(args.data_dir)
     env = dist.setup(args.backend, args.device, args.dist_timeout)
     try:
