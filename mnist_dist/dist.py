@@ -100,6 +100,12 @@ def usable_cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def default_threads(local_world_size: int) -> int:
+    """torch threads (or compile workers) per rank when not set: the usable cores, shared by the ranks
+    of this node."""
+    return max(1, usable_cpu_count() // max(local_world_size, 1))
+
+
 def pick_device(requested: str, local_rank: int, local_world_size: int, share: bool = False) -> torch.device:
     """cuda:LOCAL_RANK (never the global rank), or the CPU. ``share``: more local ranks than GPUs
     take the GPUs round-robin (gloo moves CUDA tensors through the host, so ranks may share a GPU;
@@ -134,7 +140,7 @@ def setup(backend: str = "auto", device: str = "auto", timeout_s: float = 300.0,
     dev = pick_device(device, local_rank, local_world_size, share=backend == "gloo")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    torch.set_num_threads(threads or max(1, usable_cpu_count() // max(local_world_size, 1)))
+    torch.set_num_threads(threads or default_threads(local_world_size))
 
     chosen_backend: str | None = None
     if launched_by_torchrun():
@@ -160,7 +166,7 @@ def adopt(rank: int, local_rank: int, world_size: int, local_world_size: int, de
                                f"says {dist.get_rank()} of {dist.get_world_size()}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.set_num_threads(threads or max(1, usable_cpu_count() // max(local_world_size, 1)))
+    torch.set_num_threads(threads or default_threads(local_world_size))
     backend = dist.get_backend() if dist.is_initialized() else None
     return DistEnv(rank, local_rank, world_size, local_world_size, device, backend, launcher)
 

@@ -36,8 +36,8 @@ from typing import Any
 import torch
 
 from ..config import TrainConfig
-from ..dist import (DistEnv, join_process_group, launched_by_torchrun, launcher_name, launcher_world,
-                    pick_backend, pick_device, usable_cpu_count)
+from ..dist import (DistEnv, default_threads, join_process_group, launched_by_torchrun, launcher_name,
+                    launcher_world, pick_backend, pick_device)
 from ..errors import UserError
 from .base import Engine, Precision, resolve_precision
 
@@ -130,7 +130,7 @@ def setup(cfg: TrainConfig) -> AccelerateEnv:
         device = torch.device("cpu")  # accelerate says cpu:0 for MULTI_CPU; same device
     elif device != wanted:
         raise UserError(f"accelerate chose {device} but local rank {local_rank} should use {wanted}")
-    torch.set_num_threads(cfg.threads or max(1, usable_cpu_count() // max(local_world_size, 1)))
+    torch.set_num_threads(cfg.threads or default_threads(local_world_size))
     return AccelerateEnv(
         rank=accelerator.process_index,
         local_rank=accelerator.local_process_index,

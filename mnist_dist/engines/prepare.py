@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
-from ..dist import DistEnv, all_reduce_sum, usable_cpu_count
+from ..dist import DistEnv, all_reduce_sum, default_threads
 from ..errors import UserError
 
 CUBLAS_DETERMINISTIC = ":4096:8"  # cuBLAS workspace setting that makes its kernels deterministic
@@ -39,8 +39,7 @@ def configure_torch(cfg: TrainConfig, env: DistEnv, amp: str) -> None:
         torch.backends.cudnn.allow_tf32 = True
     if cfg.compile:
         # Inductor starts one compile worker per core by default, in EVERY rank: N ranks x cores workers
-        threads = max(1, usable_cpu_count() // max(env.local_world_size, 1))
-        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(threads))
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(default_threads(env.local_world_size)))
         import torch._inductor.config as inductor_config
 
         inductor_config.compile_threads = int(os.environ["TORCHINDUCTOR_COMPILE_THREADS"])
