@@ -101,6 +101,25 @@ def test_two_ray_workers_train_to_the_target(straight_ray_run):
     assert not list((out / "checkpoints").glob(".ray-report-*")), "staging folders are removed"
 
 
+def killed_and_restarted(ray_cluster: str, mnist_root: Path, tmp_path: Path, kill_step: int,
+                         poll_s: str) -> tuple[Path, str]:
+    """Two Ray workers with --max-failures 1; rank 1 SIGKILLs itself after step ``kill_step`` on the
+    first attempt; Ray's controller polls every ``poll_s`` seconds. (run dir, the whole log)"""
+    out, storage = tmp_path / "run", tmp_path / "storage"
+    proc = ok(launcher("--num-workers", "2", "--address", ray_cluster, "--storage", str(storage),
+                       "--max-failures", "1", "--data-dir", str(mnist_root), "--out-dir", str(out), *FLAGS,
+                       env=ray_env(MNIST_DIST_FAULT=f"kill,rank=1,step={kill_step},attempt=0",
+                                   RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=poll_s)))
+    return out, proc.stdout + proc.stderr
+
+
+def assert_finished_as_straight(out: Path, straight: Path) -> None:
+    summary = read_json(out / "summary.json")
+    assert summary["global_step"] == 234 and summary["test_total"] == 10000
+    assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1], "no duplicated epoch"
+    assert_bitwise_equal(straight, out)
+
+
 @pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_resumes_from_its_checkpoint(straight_ray_run, ray_cluster,
                                                                        mnist_root, tmp_path):
@@ -112,20 +131,12 @@ def test_a_killed_worker_is_restarted_and_resumes_from_its_checkpoint(straight_r
     sometimes came first, and the restart then had no checkpoint (one CI failure). Here the
     controller polls every 0.2 s (Ray Train hands its RAY_TRAIN_* settings from the driver to the
     controller) and the kill comes 90 steps (~2.5 s at full speed) after the report."""
-    out, storage = tmp_path / "run", tmp_path / "storage"
-    proc = ok(launcher("--num-workers", "2", "--address", ray_cluster, "--storage", str(storage),
-                       "--max-failures", "1", "--data-dir", str(mnist_root), "--out-dir", str(out), *FLAGS,
-                       env=ray_env(MNIST_DIST_FAULT="kill,rank=1,step=190,attempt=0",
-                                   RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")))
-    log = proc.stdout + proc.stderr
+    out, log = killed_and_restarted(ray_cluster, mnist_root, tmp_path, kill_step=190, poll_s="0.2")
     attempts = "\n".join(line for line in log.splitlines() if "ray: attempt" in line or "injected" in line)
     assert "attempt 1: resuming from Ray's checkpoint" in log and "step-00000100.pt" in log, \
         f"the attempts: {attempts or '(no restart logged)'}\n...\n{log[-3000:]}"
     assert "resumed from" in log and "at epoch 1 step 100" in log
-    summary = read_json(out / "summary.json")
-    assert summary["global_step"] == 234 and summary["test_total"] == 10000
-    assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1], "no duplicated epoch"
-    assert_bitwise_equal(straight_ray_run[0], out)
+    assert_finished_as_straight(out, straight_ray_run[0])
 
 
 @pytest.mark.slow
@@ -135,19 +146,11 @@ def test_a_checkpoint_ray_had_not_registered_is_not_lost(straight_ray_run, ray_c
     newest is step 100, or none), but the restart still resumes from step 200 — the run directory's
     newest checkpoint, which rank 0 takes when it is newer than Ray's. (Should a poll fall in those
     ~60 ms, Ray's own checkpoint is step 200: the same resume.)"""
-    out, storage = tmp_path / "run", tmp_path / "storage"
-    proc = ok(launcher("--num-workers", "2", "--address", ray_cluster, "--storage", str(storage),
-                       "--max-failures", "1", "--data-dir", str(mnist_root), "--out-dir", str(out), *FLAGS,
-                       env=ray_env(MNIST_DIST_FAULT="kill,rank=1,step=202,attempt=0",
-                                   RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="10")))
-    log = proc.stdout + proc.stderr
+    out, log = killed_and_restarted(ray_cluster, mnist_root, tmp_path, kill_step=202, poll_s="10")
     restart = [line for line in log.splitlines() if "ray: attempt 1" in line]
     assert len(restart) == 1 and "step-00000200.pt" in restart[0], f"{restart}\n...\n{log[-3000:]}"
     assert "at epoch 1 step 200" in log, log[-3000:]
-    summary = read_json(out / "summary.json")
-    assert summary["global_step"] == 234 and summary["test_total"] == 10000
-    assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1], "no duplicated epoch"
-    assert_bitwise_equal(straight_ray_run[0], out)
+    assert_finished_as_straight(out, straight_ray_run[0])
 
 
 @pytest.mark.slow

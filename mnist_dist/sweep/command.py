@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..outputs.rundir import atomic_write_json
 from .driver import PRUNABLE, Sweep
 from .launchers import LocalLauncher, SlurmLauncher, split_sbatch_args
-from .space import Param, flag_name, load_space
+from .space import Param, flag_name, load_space, read_toml
 
 STATE_FILE = "sweep.json"
 METRICS = ("test_accuracy", "test_loss", "test_correct", "train_seconds", "seconds_to_target", "steps_to_target")
@@ -129,17 +129,7 @@ def read_enqueue(path: str | None, params: list[Param]) -> list[dict[str, Any]]:
     once the study exists)."""
     if not path:
         return []
-    from ..config_file import toml_module
-
-    toml = toml_module()
-    try:
-        data = toml.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"--enqueue {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"--enqueue {path}: cannot read it: {exc}") from None
-    except toml.TOMLDecodeError as exc:
-        raise UserError(f"--enqueue {path}: not valid TOML: {exc}") from None
+    data = read_toml(path, "--enqueue")
     trials = data.get("trial", [])
     other = sorted(set(data) - {"trial"})
     if other or not isinstance(trials, list) or not all(isinstance(t, dict) for t in trials):

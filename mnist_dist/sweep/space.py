@@ -130,17 +130,23 @@ def parse_param(name: str, spec: Any) -> Param:
     return Param(field, kind, low=low, high=high, log=log, step=step)  # floats for a float flag (check_type)
 
 
-def load_space(path: str | Path) -> list[Param]:
+def read_toml(path: str | Path, option: str) -> dict[str, Any]:
+    """The TOML file an option names (--space, --enqueue); a missing, unreadable or invalid file is
+    one error line that names the option and the file."""
     toml = toml_module()
-    path = Path(path)
     try:
-        data = toml.loads(path.read_text())
+        return toml.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise UserError(f"--space {path}: no such file") from None
+        raise UserError(f"{option} {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"--space {path}: cannot read it: {exc}") from None
+        raise UserError(f"{option} {path}: cannot read it: {exc}") from None
     except toml.TOMLDecodeError as exc:
-        raise UserError(f"--space {path}: not valid TOML: {exc}") from None
+        raise UserError(f"{option} {path}: not valid TOML: {exc}") from None
+
+
+def load_space(path: str | Path) -> list[Param]:
+    path = Path(path)
+    data = read_toml(path, "--space")
     if not data:
         raise UserError(f"--space {path}: the space is empty: add a table per flag to sweep, e.g. "
                         f"[lr] low = 1e-3 high = 3e-2 log = true")
