@@ -72,6 +72,23 @@ def finish(launcher: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
         pytest.fail(f"the job did not end within {timeout} s\nstdout:\n{out}\nstderr:\n{err}")
 
 
+def wait_for_complete_dumps(path: Path, count: int, timeout: float = 60) -> None:
+    """Until ``path`` holds ``count`` whole dumps. A second SIGUSR2 must not come before the first
+    dump has ended: faulthandler drops a signal that a second thread receives while the first thread
+    is still writing (its handler is not reentrant). The main thread's section comes last in a dump
+    and ends with the script's ``<module>`` frame; the pause lets the handler return after it."""
+    from mnist_dist.diagnostics.stacks import parse_dumps
+
+    deadline = time.monotonic() + timeout
+    while True:
+        dumps = parse_dumps(path.read_text()) if path.exists() else []
+        if len(dumps) >= count and dumps[-1]["main"] and dumps[-1]["main"][0][2] == "<module>":
+            time.sleep(0.5)
+            return
+        assert time.monotonic() < deadline, f"{path.name}: {len(dumps)} whole dump(s) after {timeout} s, not {count}"
+        time.sleep(0.1)
+
+
 def in_collective(where: str) -> bool:
     """Rank 0 waits for the frozen rank in the gradient all_reduce, or in the stop-flag all_reduce
     (every 10th step): either is a collective below our code."""
@@ -173,12 +190,9 @@ def test_sigusr2_writes_a_ranks_stacks_and_training_continues_unchanged(mnist_ro
     pids = rank_pids(launcher)
     from mnist_dist.diagnostics.stacks import parse_dumps
 
-    for rank, count in ((1, 1), (1, 2), (0, 1)):  # one at a time: two pending SIGUSR2 would merge into one
+    for rank, count in ((1, 1), (1, 2), (0, 1)):
         os.kill(pids[rank], signal.SIGUSR2)
-        deadline = time.monotonic() + 60
-        while len(parse_dumps((out / "debug" / f"rank-{rank}.txt").read_text())) < count:
-            assert time.monotonic() < deadline, f"rank {rank} wrote no stacks"
-            time.sleep(0.1)
+        wait_for_complete_dumps(out / "debug" / f"rank-{rank}.txt", count)
     _, stderr = finish(launcher)
     assert launcher.returncode == 0, stderr
     assert read_json(out / "summary.json")["test_correct"] == read_json(plain / "summary.json")["test_correct"]
