@@ -15,15 +15,11 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-from .config import RECIPES, TrainConfig, resolve_config, validate_config
+from .config import RECIPES, TrainConfig, flag_name, resolve_config, validate_config
 from .errors import EXIT_RANK_FAILURE, EXIT_STOPPED, EXIT_USER_ERROR, RankFailure, StopTraining, UserError
 
 # fields whose flag differs from --field-name or that need special handling
 _NEGATIVE_FLAGS = {"download": "--no-download", "progress": "--no-progress"}
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def build_train_parser(prog: str = "mnist-dist train") -> argparse.ArgumentParser:
@@ -66,7 +62,7 @@ def build_train_parser(prog: str = "mnist-dist train") -> argparse.ArgumentParse
             kwargs.update(type=float, nargs=2, metavar=("B1", "B2"))
         else:
             kwargs["type"] = {"int": int, "float": float, "str": str}.get(str(f.type), str)
-        parser.add_argument(_flag(f.name), **kwargs)
+        parser.add_argument(flag_name(f.name), **kwargs)
     parser.add_argument(
         "--config", metavar="FILE", default=None,
         help="training flags from a TOML, YAML or JSON file (keys = flag names; a run's config.json "

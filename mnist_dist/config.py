@@ -155,6 +155,11 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+def flag_name(field: str) -> str:
+    """The command-line flag of a TrainConfig field: ``batch_size`` -> ``--batch-size``."""
+    return "--" + field.replace("_", "-")
+
+
 def resolve_config(recipe: str, overrides: dict[str, Any]) -> TrainConfig:
     """Defaults, then the recipe, then the explicitly given flags (``overrides``)."""
     if recipe not in RECIPES:

@@ -24,15 +24,12 @@ import pytest
 
 from conftest import QUIET, REPO, assert_one_line_error, child_env, ok, python, read_json, read_jsonl
 
+from mnist_dist.dist import usable_cpu_count
 from mnist_dist.errors import UserError
 
 optuna = pytest.importorskip("optuna", reason="the sweep extra is not installed: pip install -e '.[sweep]'")
 
 SWEEP = ("-m", "mnist_dist", "sweep")
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 def load_study(sweep_dir: Path, journal: bool = False):
@@ -90,7 +87,7 @@ def test_bad_sweep_input_is_one_error_line(tmp_path):
         bad = tmp_path / "bad.toml"
         bad.write_text(text)
         assert_one_line_error(python(*base, "--space", str(bad)), needle)
-    too_many = usable_cores() + 1
+    too_many = usable_cpu_count() + 1
     assert_one_line_error(python(*base, "--space", str(space), "--parallel", str(too_many)),
                           f"--parallel {too_many}", "CPU cores")
     assert_one_line_error(python(*base, "--space", str(space), "--lr", "0.01"), "--lr is both a fixed flag")
@@ -217,7 +214,7 @@ def test_local_sweep_prunes_stops_on_sigterm_and_resumes(mnist_root, tmp_path):
     for 200 steps (so its accuracies equal the completed twin's and it is never pruned), trial 2 a
     deliberately bad learning rate: pruned at its first evaluations against the median of trial 0.
     SIGTERM once trial 0 is complete and trial 1 is past step 40; then the same command again."""
-    if usable_cores() < 2:
+    if usable_cpu_count() < 2:
         pytest.skip("needs 2 usable CPU cores for 2 parallel trials")
     space = tmp_path / "space.toml"
     space.write_text("[lr]\nlow = 0.003\nhigh = 0.03\nlog = true\n\n[max-steps]\nlow = 20\nhigh = 400\n")

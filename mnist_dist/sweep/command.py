@@ -22,11 +22,12 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..config import flag_name
 from ..errors import UserError
 from ..outputs.rundir import atomic_write_json
 from .driver import PRUNABLE, Sweep
 from .launchers import LocalLauncher, SlurmLauncher, split_sbatch_args
-from .space import Param, flag_name, load_space, read_toml
+from .space import Param, load_space, read_toml
 
 STATE_FILE = "sweep.json"
 METRICS = ("test_accuracy", "test_loss", "test_correct", "train_seconds", "seconds_to_target", "steps_to_target")

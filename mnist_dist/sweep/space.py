@@ -23,6 +23,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from ..config import flag_name
 from ..config_file import FIELD_TYPES, check_type, expected, toml_module
 from ..errors import UserError
 
@@ -156,11 +157,6 @@ def load_space(path: str | Path) -> list[Param]:
     if dupes:
         raise UserError(f"--space {path}: {', '.join(dupes)} given twice (as a-b and a_b)")
     return params
-
-
-def flag_name(name: str) -> str:
-    """The training flag of the TrainConfig field ``name``: ``batch_size`` -> ``--batch-size``."""
-    return "--" + name.replace("_", "-")
 
 
 def flag_args(name: str, value: Any) -> list[str]:
