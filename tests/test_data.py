@@ -101,7 +101,7 @@ def test_normalisation_matches_mnist_statistics(mnist_root):
     assert counts == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 
 
-def test_idx_validation(tmp_path):
+def test_idx_validation(tmp_path, monkeypatch):
     root = make_fake_mnist(tmp_path, n_train=60000, n_test=10000)
     data.validate_files(root)  # well-formed
     raw = data.raw_dir(root)
@@ -118,8 +118,15 @@ def test_idx_validation(tmp_path):
     path.write_bytes(b"\x00\x00")
     with pytest.raises(UserError, match="shorter than an IDX header"):
         data.validate_files(root)
-    # wrong item count
+    # wrong item count: refused by default, accepted only when a subset is asked for explicitly
     write_idx_images(path, torch.zeros(10, 28, 28, dtype=torch.uint8))
+    write_idx_labels(raw / "t10k-labels-idx1-ubyte", torch.zeros(10, dtype=torch.uint8))
+    monkeypatch.delenv(data.SUBSET_ENV, raising=False)
+    with pytest.raises(UserError, match=r"10 items, expected 10000 \(a subset on purpose\? set MNIST_DIST_ALLOW_SUBSET=1\)"):
+        data.validate_files(root)
+    monkeypatch.setenv(data.SUBSET_ENV, "1")
+    data.validate_files(root)
+    monkeypatch.setenv(data.SUBSET_ENV, "0")
     with pytest.raises(UserError, match="10 items, expected 10000"):
         data.validate_files(root)
 

@@ -6,7 +6,7 @@ The names most callers need are available here, so ``from mnist_dist import data
 imported with the package (no torch); ``batches``' names on first use (they need torch).
 """
 
-from .mnist import (DATA_DIR_ENV, IDX_FILES, IMAGE_SIDE, MNIST_MEAN, MNIST_STD, NUM_CLASSES,  # noqa: F401
+from .mnist import (DATA_DIR_ENV, IDX_FILES, SUBSET_ENV, IMAGE_SIDE, MNIST_MEAN, MNIST_STD, NUM_CLASSES,  # noqa: F401
                     check_idx_file, classic_transform, download, load_split, missing_files, prepare,
                     raise_missing, raw_dir, read_split, resolve_data_dir, to_float, validate_files)
 
