@@ -1,6 +1,6 @@
 """Deliberate failures for the fault-tolerance tests. Inert unless $MNIST_DIST_FAULT is set.
 
-    MNIST_DIST_FAULT="ACTION,point=POINT,rank=R[,step=S][,attempt=A][,seconds=T]"
+    MNIST_DIST_FAULT="ACTION,point=POINT,rank=R[,step=S][,attempt=A][,seconds=T][;ACTION,...]"
 
 ACTION is ``kill`` (SIGKILL this process: no cleanup, like the OOM killer), ``raise`` (an
 exception, like a bug) or ``delay`` (sleep T seconds, like slow storage or a slow upload). POINT is
@@ -11,6 +11,7 @@ The fault fires only on global rank R and only while the worker group's attempt 
 0), so a restarted worker group runs clean — the pattern TorchElastic's own tests use; ``attempt=*``
 fires in every attempt. The attempt is $TORCHELASTIC_RESTART_COUNT under torchrun, and
 $MNIST_DIST_ATTEMPT (the count of earlier worker-group starts, set by the Ray launcher) under Ray.
+Several faults are separated by ``;`` (e.g. slow steps on rank 0, then a kill of rank 1).
 """
 
 from __future__ import annotations
@@ -30,21 +31,27 @@ def current_attempt() -> int:
 
 
 @functools.lru_cache(maxsize=1)  # read once: maybe_fail runs after every optimizer step
-def _spec() -> dict[str, str] | None:
-    raw = os.environ.get(ENV, "").strip()
-    if not raw:
-        return None
-    action, *pairs = raw.split(",")
-    spec = {"action": action.strip()}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        spec[key.strip()] = value.strip()
-    return spec
+def _specs() -> tuple[dict[str, str], ...]:
+    specs = []
+    for raw in os.environ.get(ENV, "").split(";"):
+        if not raw.strip():
+            continue
+        action, *pairs = raw.strip().split(",")
+        spec = {"action": action.strip()}
+        for pair in pairs:
+            key, _, value = pair.partition("=")
+            spec[key.strip()] = value.strip()
+        specs.append(spec)
+    return tuple(specs)
 
 
 def maybe_fail(point: str, step: int) -> None:
-    spec = _spec()
-    if spec is None or spec.get("point", "step") != point:
+    for spec in _specs():
+        _maybe_fire(spec, point, step)
+
+
+def _maybe_fire(spec: dict[str, str], point: str, step: int) -> None:
+    if spec.get("point", "step") != point:
         return
     if int(spec.get("rank", 0)) != int(os.environ.get("RANK", 0)):
         return
