@@ -1,4 +1,8 @@
-"""Bad input: one clear ``error:`` line, a non-zero exit and no traceback — never a hang."""
+"""Bad input: one clear ``error:`` line, a non-zero exit and no traceback — never a hang.
+
+Most checks run ``mnist-dist`` in this process (the ``cli`` fixture); one real process per entry
+point shows that the line and the exit code also reach a shell (``train_ddp.py``, ``python -m
+mnist_dist evaluate``, the batch that torchrun splits)."""
 
 from __future__ import annotations
 
@@ -7,12 +11,8 @@ import shutil
 import pytest
 import torch
 
-from conftest import (QUIET, TRAIN_SCRIPT, assert_one_line_error, make_fake_mnist, ok, python, torchrun,
+from conftest import (QUIET, TRAIN_SCRIPT, assert_one_line_error, make_fake_mnist, python, torchrun,
                       write_idx_labels)
-
-
-def train(*args: str, timeout: float = 120):
-    return python(str(TRAIN_SCRIPT), *QUIET, *args, timeout=timeout)
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -28,29 +28,39 @@ def train(*args: str, timeout: float = 120):
     (["--aug-degrees", "nan"], "--aug-degrees must be >= 0, got nan"),
     (["--threads", "100000"], "--threads 100000 is more than 1024"),
 ])
-def test_bad_flags(args, needle, tmp_path):
-    proc = train(*args, "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"))
+def test_bad_flags(cli, args, needle, tmp_path):
+    result = cli(*QUIET, *args, "--data-dir", tmp_path, "--out-dir", tmp_path / "run")
+    assert result.returncode == 2
+    assert_one_line_error(result, needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_flag_from_a_shell_is_one_line_and_exit_2(tmp_path):
+    """The same path through a real interpreter: train_ddp.py's exit code and stderr."""
+    proc = python(str(TRAIN_SCRIPT), *QUIET, "--epochs", "0", "--data-dir", str(tmp_path), "--out-dir",
+                  str(tmp_path / "run"), timeout=120)
     assert proc.returncode == 2
-    assert_one_line_error(proc, needle)
+    assert_one_line_error(proc, "--epochs must be a positive integer")
 
 
-def test_batch_not_divisible_by_world_size_fails_before_any_collective(tmp_path, mnist_root):
-    proc = torchrun(3, str(TRAIN_SCRIPT), "--batch-size", "256", "--data-dir", str(mnist_root),
+def test_batch_not_divisible_by_world_size_fails_before_any_collective(tmp_path, small_mnist):
+    proc = torchrun(3, str(TRAIN_SCRIPT), "--batch-size", "256", "--data-dir", str(small_mnist),
                     "--out-dir", str(tmp_path / "run"), timeout=120)
     assert proc.returncode != 0
     assert "error: --batch-size 256 is the global batch and must be divisible by the world size 3" in proc.stderr
     assert not (tmp_path / "run").exists()
 
 
-def test_help_explains_the_global_batch():
-    out = ok(train("--help")).stdout
-    assert "GLOBAL batch size" in out and "--data-dir" in out and "--amp" in out
+def test_help_explains_the_global_batch(cli):
+    result = cli("--help")
+    assert result.returncode == 0
+    assert "GLOBAL batch size" in result.stdout and "--data-dir" in result.stdout and "--amp" in result.stdout
 
 
-def test_missing_data_offline(tmp_path):
-    proc = train("--data-dir", str(tmp_path / "empty"), "--no-download", "--out-dir", str(tmp_path / "run"))
-    assert proc.returncode == 2
-    line = assert_one_line_error(proc, "MNIST files missing", str(tmp_path / "empty"), "mnist_dist download")
+def test_missing_data_offline(cli, tmp_path):
+    result = cli(*QUIET, "--data-dir", tmp_path / "empty", "--no-download", "--out-dir", tmp_path / "run")
+    assert result.returncode == 2
+    line = assert_one_line_error(result, "MNIST files missing", str(tmp_path / "empty"), "mnist_dist download")
     assert "train-images-idx3-ubyte" in line
 
 
@@ -66,33 +76,33 @@ def test_failed_download_is_one_clear_error(tmp_path, monkeypatch):
         data.download(tmp_path)
 
 
-def test_download_command_without_network_or_files(tmp_path):
-    proc = python("-m", "mnist_dist", "download", "--data-dir", str(tmp_path), "--help")
-    assert proc.returncode == 0 and "--data-dir" in proc.stdout
+def test_download_command_without_network_or_files(cli, tmp_path):
+    result = cli("download", "--data-dir", tmp_path, "--help")
+    assert result.returncode == 0 and "--data-dir" in result.stdout
 
 
 @pytest.mark.parametrize("damage, needle", [
     ("truncate", "truncated"),
     ("magic", "magic number 2049 (expected 2051)"),
 ])
-def test_corrupt_idx_file(tmp_path, damage, needle):
-    root = make_fake_mnist(tmp_path / "data")
+def test_corrupt_idx_file(cli, tmp_path, damage, needle):
+    root = make_fake_mnist(tmp_path / "data", n_train=1000, n_test=100)
     images = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
     if damage == "truncate":
         images.write_bytes(images.read_bytes()[: 16 + 784 * 100])
     else:
-        write_idx_labels(images, torch.zeros(60000, dtype=torch.uint8))
-    proc = train("--data-dir", str(root), "--out-dir", str(tmp_path / "run"))
-    assert proc.returncode == 2
-    assert_one_line_error(proc, needle, str(images))
+        write_idx_labels(images, torch.zeros(1000, dtype=torch.uint8))
+    result = cli(*QUIET, "--data-dir", root, "--out-dir", tmp_path / "run")
+    assert result.returncode == 2
+    assert_one_line_error(result, needle, str(images))
 
 
-def test_unwritable_out_dir(tmp_path, mnist_root):
+def test_unwritable_out_dir(cli, tmp_path, small_mnist):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    proc = train("--data-dir", str(mnist_root), "--out-dir", str(blocker / "run"))
-    assert proc.returncode == 2
-    assert_one_line_error(proc, "cannot write to --out-dir", str(blocker / "run"))
+    result = cli(*QUIET, "--data-dir", small_mnist, "--out-dir", blocker / "run")
+    assert result.returncode == 2
+    assert_one_line_error(result, "cannot write to --out-dir", str(blocker / "run"))
 
 
 @pytest.mark.parametrize("damage, needle", [
@@ -102,8 +112,7 @@ def test_unwritable_out_dir(tmp_path, mnist_root):
     ("no-config", "config.json is missing"),
     ("no-dir", "does not exist"),
 ])
-@pytest.mark.slow
-def test_evaluate_rejects_bad_run_dirs(trained_run, mnist_root, tmp_path, damage, needle):
+def test_evaluate_rejects_bad_run_dirs(cli, trained_run, mnist_root, tmp_path, damage, needle):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     weights = run / "model.pt"
@@ -118,6 +127,14 @@ def test_evaluate_rejects_bad_run_dirs(trained_run, mnist_root, tmp_path, damage
         (run / "config.json").unlink()
     else:
         run = tmp_path / "nowhere"
-    proc = python("-m", "mnist_dist", "evaluate", "--run-dir", str(run), "--data-dir", str(mnist_root))
+    result = cli("evaluate", "--run-dir", run, "--data-dir", mnist_root)
+    assert result.returncode == 2
+    assert_one_line_error(result, needle)
+
+
+def test_evaluate_error_from_a_shell_is_one_line_and_exit_2(tmp_path, mnist_root):
+    proc = python("-m", "mnist_dist", "evaluate", "--run-dir", str(tmp_path / "nowhere"), "--data-dir",
+                  str(mnist_root), timeout=120)
     assert proc.returncode == 2
-    assert_one_line_error(proc, needle)
+    assert_one_line_error(proc, "does not exist")
+

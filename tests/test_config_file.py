@@ -3,9 +3,11 @@ one ``error:`` line, and a run's own config.json reproduces the run (real runs, 
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
-from conftest import QUIET, REPO, TRAIN_SCRIPT, assert_one_line_error, ok, python, read_json, read_jsonl
+from conftest import QUIET, REPO, TRAIN_SCRIPT, assert_one_line_error, python, read_json, read_jsonl
 
 from mnist_dist.cli import parse_train_args
 from mnist_dist.errors import UserError
@@ -69,49 +71,56 @@ def test_grad_accum_takes_an_int_and_nan_is_mistyped(tmp_path):
         assert needle in str(info.value), (text, str(info.value))
 
 
-@pytest.mark.slow
-def test_bad_config_files_are_one_error_line(tmp_path):
+def test_bad_config_files_are_one_error_line(cli, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('lr = 0.02\nepochs = "3"\nfoo = 1\nbatch-size = 2.5\nbetas = [0.9]\n'
                    'weight-decay = nan\ngrad-accum = 0\n')
-    line = assert_one_line_error(python(str(TRAIN_SCRIPT), "--config", str(bad)), "unknown keys: foo",
+    line = assert_one_line_error(cli("--config", bad), "unknown keys: foo",
                                  "epochs (expected int", "batch_size (expected int", "betas (expected two",
                                  "weight_decay (expected finite float, got float nan",
                                  "grad_accum (expected 'auto' or a positive int, got int 0")
     assert "lr" not in line.split("mistyped")[1].replace("expected", "")  # a good key is not named
     broken = tmp_path / "broken.toml"
     broken.write_text("lr = \n")
-    assert_one_line_error(python(str(TRAIN_SCRIPT), "--config", str(broken)), "not valid TOML")
+    assert_one_line_error(cli("--config", broken), "not valid TOML")
     listing = tmp_path / "list.json"
     listing.write_text("[1, 2]")
-    assert_one_line_error(python(str(TRAIN_SCRIPT), "--config", str(listing)), "expected a mapping")
-    assert_one_line_error(python(str(TRAIN_SCRIPT), "--config", str(tmp_path / "none.toml")), "no such file")
-    assert_one_line_error(python(str(TRAIN_SCRIPT), "--config", str(tmp_path / "x.ini")), "unknown file type")
+    assert_one_line_error(cli("--config", listing), "expected a mapping")
+    assert_one_line_error(cli("--config", tmp_path / "none.toml"), "no such file")
+    assert_one_line_error(cli("--config", tmp_path / "x.ini"), "unknown file type")
     # a value that has the right type but is invalid goes through the usual checks
     neg = tmp_path / "neg.toml"
     neg.write_text("epochs = -1\n")
-    assert_one_line_error(python(str(TRAIN_SCRIPT), "--config", str(neg)), "--epochs must be a positive")
+    result = cli("--config", neg)
+    assert result.returncode == 2
+    assert_one_line_error(result, "--epochs must be a positive")
 
 
-def test_yaml_without_pyyaml_is_one_error_line(tmp_path):
+def test_bad_config_file_from_a_shell_is_one_line_and_exit_2(tmp_path):
+    broken = tmp_path / "broken.toml"
+    broken.write_text("lr = \n")
+    proc = python(str(TRAIN_SCRIPT), "--config", str(broken), timeout=120)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "not valid TOML")
+
+
+def test_yaml_without_pyyaml_is_one_error_line(cli, tmp_path, monkeypatch):
     yaml = tmp_path / "c.yml"
     yaml.write_text("lr: 0.02\n")
-    # a real process in which `import yaml` fails (as without PyYAML installed)
-    code = ("import sys; sys.modules['yaml'] = None; from mnist_dist.cli import main; "
-            f"sys.exit(main(['--config', {str(yaml)!r}]))")
-    proc = python("-c", code)
-    assert proc.returncode == 2
-    assert_one_line_error(proc, "YAML needs PyYAML")
+    monkeypatch.setitem(sys.modules, "yaml", None)  # `import yaml` fails, as without PyYAML installed
+    result = cli("--config", yaml)
+    assert result.returncode == 2
+    assert_one_line_error(result, "YAML needs PyYAML")
 
 
-@pytest.mark.slow
-def test_run_config_json_reproduces_the_run(mnist_root, tmp_path):
+def test_run_config_json_reproduces_the_run(cli, small_mnist, tmp_path):
     """Run A with non-default flags; ``--config A/config.json --out-dir B`` gives the same test_correct,
-    the same per-epoch metrics and the same config (but its own run directory)."""
+    the same per-epoch metrics and the same config (but its own run directory). Both in this process."""
     a, b = tmp_path / "A", tmp_path / "B"
-    ok(python(str(TRAIN_SCRIPT), "--data-dir", str(mnist_root), "--out-dir", str(a), "--max-steps", "40",
-              "--seed", "3", "--lr", "0.02", "--batch-size", "128", "--eval-every", "20", *QUIET))
-    ok(python(str(TRAIN_SCRIPT), "--config", str(a / "config.json"), "--out-dir", str(b)))
+    data = {"MNIST_DATA_DIR": str(small_mnist)}  # a run's config.json does not carry its data directory
+    assert cli("--out-dir", a, "--max-steps", "40", "--seed", "3", "--lr", "0.02", "--batch-size", "128",
+               "--eval-every", "20", *QUIET, env=data).returncode == 0
+    assert cli("--config", a / "config.json", "--out-dir", b, env=data).returncode == 0
     sa, sb = read_json(a / "summary.json"), read_json(b / "summary.json")
     assert sa["test_correct"] == sb["test_correct"] and sa["test_loss"] == sb["test_loss"]
     assert sb["global_step"] == 40

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, child_env, free_port, run
+from conftest import CliResult, assert_one_line_error, child_env, free_port, run
 
 NOT_OURS = "203.0.113.77"  # TEST-NET-3: documentation only, never assigned to a machine
 
@@ -26,6 +26,23 @@ def node_env(node_id: int, name: str, **extra: str) -> dict[str, str]:
     env = child_env(SLURM_NODEID=str(node_id), SLURMD_NODENAME=name, **extra)
     env.pop("SLURM_JOB_NUM_NODES", None)
     return env
+
+
+@pytest.fixture
+def preflight_here(monkeypatch, capsys):
+    """``python -m mnist_dist.preflight ARGS`` on "node" NODE_ID, run in this process."""
+    from mnist_dist import preflight as module
+
+    def call(args: list[str], node_id: int, name: str) -> CliResult:
+        monkeypatch.setenv("SLURM_NODEID", str(node_id))
+        monkeypatch.setenv("SLURMD_NODENAME", name)
+        monkeypatch.delenv("SLURM_JOB_NUM_NODES", raising=False)
+        capsys.readouterr()
+        code = module.main(args[3:])  # without `python -m mnist_dist.preflight`
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    return call
 
 
 def listening(port: int, proc: subprocess.Popen, seconds: float = 120) -> None:
@@ -75,33 +92,33 @@ def test_first_node_and_two_others_meet_on_the_rendezvous_port(mnist_root):
 
 
 def test_rendezvous_address_that_is_not_the_first_nodes_own_fails(mnist_root):
+    """(a real process: the exit code and the line as sbatch's shell sees them)"""
     proc = run(preflight(mnist_root, f"{NOT_OURS}:{free_port()}"), env=node_env(0, "alpha"), timeout=60)
     assert proc.returncode == 2
     assert_one_line_error(proc, "preflight on alpha", f"rendezvous address {NOT_OURS} is not an address of "
                                                       "the first node", "RDZV_HOST")
 
 
-def test_other_node_that_cannot_reach_the_rendezvous_fails(mnist_root):
+def test_other_node_that_cannot_reach_the_rendezvous_fails(mnist_root, preflight_here):
     # nothing listens there: the first node's preflight never came up (or a firewall drops the port)
-    proc = run([*preflight(mnist_root, f"127.0.0.1:{free_port()}"), "--reach-timeout", "2"],
-               env=node_env(1, "beta"), timeout=60)
+    proc = preflight_here([*preflight(mnist_root, f"127.0.0.1:{free_port()}"), "--reach-timeout", "2"], 1, "beta")
     assert proc.returncode == 2
     assert_one_line_error(proc, "preflight on beta", "cannot reach the rendezvous 127.0.0.1:", "RDZV_HOST")
 
 
-def test_first_node_names_how_many_nodes_never_arrived(mnist_root):
-    proc = run([*preflight(mnist_root, f"127.0.0.1:{free_port()}"), "--nnodes", "2", "--reach-timeout", "2"],
-               env=node_env(0, "alpha"), timeout=60)
+def test_first_node_names_how_many_nodes_never_arrived(mnist_root, preflight_here):
+    proc = preflight_here([*preflight(mnist_root, f"127.0.0.1:{free_port()}"), "--nnodes", "2",
+                           "--reach-timeout", "2"], 0, "alpha")
     assert proc.returncode == 2
     assert_one_line_error(proc, "only 0 of the 1 other node(s) reached the rendezvous 127.0.0.1:")
 
 
-def test_rendezvous_port_in_use_on_the_first_node_fails(mnist_root):
+def test_rendezvous_port_in_use_on_the_first_node_fails(mnist_root, preflight_here):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        proc = run(preflight(mnist_root, f"127.0.0.1:{port}"), env=node_env(0, "alpha"), timeout=60)
+        proc = preflight_here(preflight(mnist_root, f"127.0.0.1:{port}"), 0, "alpha")
     assert proc.returncode == 2
     assert_one_line_error(proc, f"rendezvous port {port} is already in use", "RDZV_PORT")
 
