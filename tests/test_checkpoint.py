@@ -13,16 +13,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (QUIET, TRAIN_SCRIPT, assert_one_line_error, child_env, free_port, ok, python,
-                      read_json, read_jsonl, torchrun)
+from conftest import (QUIET, TRAIN_SCRIPT, assert_one_line_error, child_env, free_port, ok, read_json, read_jsonl, torchrun)
 from mnist_dist import checkpoint
 
-# 15 steps per epoch, 2 epochs: a resume from step 20 is mid-epoch 2, after an epoch boundary.
-FLAGS = ["--batch-size", "4000", "--epochs", "2", "--checkpoint-every", "5", *QUIET]
+# On the small MNIST (6,000 images): 15 steps per epoch, 2 epochs: a resume from step 20 is mid-epoch
+# 2, after an epoch boundary.
+FLAGS = ["--batch-size", "400", "--epochs", "2", "--checkpoint-every", "5", *QUIET]
+# rank 0 sleeps 0.15 s after every step of the first attempt: a run that a test signals once its first
+# checkpoint exists is still training when the signal comes (the run itself is unchanged)
+SLOW_STEPS = "delay,point=step,rank=0,seconds=0.15"
 
 
-def train_flags(mnist_root: Path, out: Path, *extra: str) -> list[str]:
-    return [str(TRAIN_SCRIPT), *FLAGS, "--data-dir", str(mnist_root), "--out-dir", str(out), *extra]
+def train_flags(small_mnist: Path, out: Path, *extra: str) -> list[str]:
+    return [str(TRAIN_SCRIPT), *FLAGS, "--data-dir", str(small_mnist), "--out-dir", str(out), *extra]
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
@@ -36,12 +39,10 @@ def assert_bitwise_equal(a: Path, b: Path) -> None:
     assert not different, f"parameters differ: {different}"
 
 
-@pytest.fixture(scope="module")
-def straight_run(mnist_root, tmp_path_factory) -> Path:
-    """The uninterrupted 2-rank reference run."""
-    out = tmp_path_factory.mktemp("straight") / "run"
-    ok(torchrun(2, *train_flags(mnist_root, out)))
-    return out
+@pytest.fixture
+def straight_run(small_mnist, reference_runs) -> Path:
+    """The uninterrupted 2-rank reference run (shared: copy it before changing it)."""
+    return reference_runs.get(*FLAGS, "--data-dir", str(small_mnist), nproc=2)
 
 
 @pytest.mark.slow
@@ -54,24 +55,24 @@ def test_checkpoints_are_complete_and_pruned(straight_run):
     assert set(state["rng"][1]) >= {"cpu", "python", "numpy"}
     assert all(isinstance(v, torch.Tensor) for v in state["rng"][1].values())
     assert state["optimizer"]["state"] and state["scheduler"]["last_epoch"] == 30
-    assert "scaler" in state and state["config"]["batch_size"] == 4000
+    assert "scaler" in state and state["config"]["batch_size"] == 400
     assert not list((straight_run / "checkpoints").glob(".*tmp*")), "no temporary files left"
 
 
 @pytest.mark.slow
-def test_resume_after_a_crash_is_bitwise_exact(straight_run, mnist_root, tmp_path):
+def test_resume_after_a_crash_is_bitwise_exact(straight_run, small_mnist, tmp_path, cli):
     out = tmp_path / "run"
     env = child_env(MNIST_DIST_FAULT="raise,rank=0,step=22")
-    failed = torchrun(2, *train_flags(mnist_root, out), env=env)
+    failed = torchrun(2, *train_flags(small_mnist, out), env=env)
     assert failed.returncode != 0
     assert checkpoint.list_checkpoints(out)[-1].name == "step-00000020.pt"
     # an epoch-end checkpoint may be resumed at another world size (here 1 instead of 2)
     epoch_end = out / "checkpoints" / "step-00000015.pt"
-    other = ok(python(*train_flags(mnist_root, tmp_path / "ws1", "--resume", str(epoch_end))))
+    other = ok(cli(*train_flags(small_mnist, tmp_path / "ws1", "--resume", str(epoch_end))[1:]))  # in-process
     assert "at epoch 2 step 0" in other.stdout
     summary = read_json(tmp_path / "ws1" / "summary.json")
-    assert summary["world_size"] == 1 and summary["global_step"] == 30 and summary["test_total"] == 10000
-    resumed = ok(torchrun(2, *train_flags(mnist_root, out, "--resume", "auto")))
+    assert summary["world_size"] == 1 and summary["global_step"] == 30 and summary["test_total"] == 1000
+    resumed = ok(torchrun(2, *train_flags(small_mnist, out, "--resume", "auto")))
     assert "resumed from" in resumed.stdout and "step-00000020.pt at epoch 2 step 5" in resumed.stdout
     assert_bitwise_equal(straight_run, out)
     assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2], "no duplicated epoch"
@@ -79,33 +80,33 @@ def test_resume_after_a_crash_is_bitwise_exact(straight_run, mnist_root, tmp_pat
 
 
 @pytest.mark.slow
-def test_elastic_restart_after_sigkill_resumes_by_itself(straight_run, mnist_root, tmp_path):
+def test_elastic_restart_after_sigkill_resumes_by_itself(straight_run, small_mnist, tmp_path):
     """Rank 1 SIGKILLs itself mid-epoch on the first attempt only; torchrun restarts the group."""
     out = tmp_path / "run"
     env = child_env(MNIST_DIST_FAULT="kill,rank=1,step=17,attempt=0")
-    proc = ok(torchrun(2, *train_flags(mnist_root, out, "--resume", "auto"), env=env,
+    proc = ok(torchrun(2, *train_flags(small_mnist, out, "--resume", "auto"), env=env,
                        extra=["--max-restarts=1"]))
     assert "resumed from" in proc.stdout and "step-00000015.pt" in proc.stdout
     assert_bitwise_equal(straight_run, out)
 
 
 @pytest.mark.slow
-def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(straight_run, mnist_root, tmp_path):
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(straight_run, small_mnist, tmp_path):
     out = tmp_path / "run"
     env = child_env(MNIST_DIST_FAULT="kill,point=checkpoint-rename,rank=0,step=20")
-    assert torchrun(2, *train_flags(mnist_root, out), env=env).returncode != 0
+    assert torchrun(2, *train_flags(small_mnist, out), env=env).returncode != 0
     folder = out / "checkpoints"
     assert [p.name for p in checkpoint.list_checkpoints(out)][-1] == "step-00000015.pt"
     assert list(folder.glob(".step-00000020.pt.tmp-*")), "the writer died before its rename"
     checkpoint.load(folder / "step-00000015.pt")  # intact
-    resumed = ok(torchrun(2, *train_flags(mnist_root, out, "--resume", "auto")))
+    resumed = ok(torchrun(2, *train_flags(small_mnist, out, "--resume", "auto")))
     assert "step-00000015.pt" in resumed.stdout
     assert not list(folder.glob(".*tmp*")), "stale temporary files are cleaned up"
     assert_bitwise_equal(straight_run, out)
 
 
 @pytest.mark.slow
-def test_corrupt_newest_checkpoint_falls_back_with_a_warning(straight_run, mnist_root, tmp_path):
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(straight_run, small_mnist, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(straight_run, out)
     (out / "summary.json").unlink()
@@ -116,7 +117,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(straight_run, mnist
         with open(out / name, "a") as fh:
             fh.write('{"epoch": 3, "global_st')
     # the world size must match mid-epoch, so resume with 2 ranks; step 25 is mid-epoch 2
-    proc = ok(torchrun(2, *train_flags(mnist_root, out, "--resume", "auto")))
+    proc = ok(torchrun(2, *train_flags(small_mnist, out, "--resume", "auto")))
     assert "warning: skipping unusable checkpoint" in proc.stderr and "step-00000030.pt" in proc.stderr
     assert "resumed from" in proc.stdout and "step-00000025.pt" in proc.stdout
     assert proc.stderr.count("dropping an unreadable line") == 2
@@ -133,7 +134,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(straight_run, mnist
     ("missing", "does not exist"),
     ("directory", "is a directory; pass a checkpoint file"),
 ])
-def test_explicit_bad_checkpoint_is_one_clear_error(straight_run, mnist_root, tmp_path, damage, needle):
+def test_explicit_bad_checkpoint_is_one_clear_error(straight_run, small_mnist, tmp_path, damage, needle, cli):
     bad = tmp_path / "bad.pt"
     if damage == "truncated":
         bad.write_bytes((straight_run / "checkpoints" / "step-00000030.pt").read_bytes()[:5000])
@@ -141,23 +142,22 @@ def test_explicit_bad_checkpoint_is_one_clear_error(straight_run, mnist_root, tm
         torch.save({"model": {}}, bad)
     elif damage == "directory":
         bad.mkdir()
-    proc = python(*train_flags(mnist_root, tmp_path / "run", "--resume", str(bad)))
+    proc = cli(*train_flags(small_mnist, tmp_path / "run", "--resume", str(bad))[1:])
     assert proc.returncode == 2
     assert_one_line_error(proc, needle, str(bad))
 
 
-@pytest.mark.slow
 def test_mid_epoch_checkpoint_resumes_at_another_world_size_but_not_with_other_flags(
-        straight_run, mnist_root, tmp_path):
+        straight_run, small_mnist, tmp_path, cli):
     """Issue 14: the data position is world-size free, so a 2-rank mid-epoch checkpoint resumes in
     one process (it used to be refused); the flags that shape the math still must not change."""
     mid = straight_run / "checkpoints" / "step-00000025.pt"
-    resumed = ok(python(*train_flags(mnist_root, tmp_path / "run", "--resume", str(mid))))
+    resumed = ok(cli(*train_flags(small_mnist, tmp_path / "run", "--resume", str(mid))[1:]))
     assert "at epoch 2 step 10 (global step 25)" in resumed.stdout
     summary = read_json(tmp_path / "run" / "summary.json")
     assert summary["global_step"] == 30 and summary["world_sizes"] == [2, 1]
-    changed = python(*train_flags(mnist_root, tmp_path / "run2", "--resume", str(mid), "--lr", "0.5",
-                                  "--betas", "0.9", "0.99", "--grad-clip", "1"))
+    changed = cli(*train_flags(small_mnist, tmp_path / "run2", "--resume", str(mid), "--lr", "0.5",
+                               "--betas", "0.9", "0.99", "--grad-clip", "1")[1:])
     assert_one_line_error(changed, "--lr 0.01 (now 0.5)", "--betas [0.7, 0.9] (now [0.9, 0.99])",
                           "--grad-clip 0.0 (now 1.0)")
 
@@ -183,13 +183,14 @@ def _worker_pids(agent_pid: int) -> dict[int, int]:
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step(straight_run, mnist_root, tmp_path):
+def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step(straight_run, small_mnist, tmp_path):
     out = tmp_path / "run"
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-           *train_flags(mnist_root, out), "--stop-check-every", "1"]
-    agent = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           *train_flags(small_mnist, out), "--stop-check-every", "1"]
+    agent = subprocess.Popen(cmd, env=child_env(MNIST_DIST_FAULT=SLOW_STEPS), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
         while not checkpoint.list_checkpoints(out):  # training is under way once the first one exists
@@ -211,7 +212,7 @@ def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step(straight_run, mnis
     assert f"(global step {state['global_step']}); checkpoint {newest}" in stdout
     assert len(state["rng"]) == 2, "both ranks took part in the stop checkpoint"
     assert not (out / "summary.json").exists()
-    resumed = ok(torchrun(2, *train_flags(mnist_root, out, "--resume", "auto")))
+    resumed = ok(torchrun(2, *train_flags(small_mnist, out, "--resume", "auto")))
     assert f"resumed from {newest}" in resumed.stdout
     assert_bitwise_equal(straight_run, out)
 
@@ -224,18 +225,18 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def test_sigterm_to_the_whole_job_with_dataloader_workers_still_checkpoints(mnist_root, tmp_path):
+def test_sigterm_to_the_whole_job_with_dataloader_workers_still_checkpoints(small_mnist, tmp_path):
     # A scheduler (SLURM preemption, docker stop of a process group) signals every process of the job:
     # the agent, the ranks and their DataLoader workers. The workers must ignore it (worker_init_fn),
     # or the ranks' next batch raises "DataLoader worker ... exited unexpectedly" instead of a checkpoint.
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
-           *train_flags(mnist_root, out, "--loader", "dataloader", "--num-workers", "2", "--batch-size", "512",
+           *train_flags(small_mnist, out, "--loader", "dataloader", "--num-workers", "2", "--batch-size", "512",
                         "--stop-check-every", "1")]
     stop_file = tmp_path / "stopped"  # how slurm/train.sbatch learns that the ranks stopped with a checkpoint
-    agent = subprocess.Popen(cmd, env=child_env(MNIST_DIST_STOP_FILE=str(stop_file)), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    agent = subprocess.Popen(cmd, env=child_env(MNIST_DIST_STOP_FILE=str(stop_file), MNIST_DIST_FAULT=SLOW_STEPS),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while not checkpoint.list_checkpoints(out):  # mid-epoch 1: the workers are running
@@ -261,10 +262,10 @@ def test_sigterm_to_the_whole_job_with_dataloader_workers_still_checkpoints(mnis
 
 
 @pytest.mark.slow
-def test_a_rank_raising_ends_the_job_promptly(mnist_root, tmp_path):
+def test_a_rank_raising_ends_the_job_promptly(small_mnist, tmp_path):
     started = time.monotonic()
     env = child_env(MNIST_DIST_FAULT="raise,rank=1,step=3")
-    proc = torchrun(2, *train_flags(mnist_root, tmp_path / "run"), env=env, timeout=120)
+    proc = torchrun(2, *train_flags(small_mnist, tmp_path / "run"), env=env, timeout=120)
     assert proc.returncode != 0
     assert time.monotonic() - started < 60
     assert "injected fault" in proc.stderr
@@ -272,10 +273,11 @@ def test_a_rank_raising_ends_the_job_promptly(mnist_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_plain_process_sigint_checkpoints_and_exits_3(mnist_root, tmp_path):
+def test_plain_process_sigint_checkpoints_and_exits_3(small_mnist, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, *train_flags(mnist_root, out), "--stop-check-every", "1"],
-                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, *train_flags(small_mnist, out), "--stop-check-every", "1"],
+                            env=child_env(MNIST_DIST_FAULT=SLOW_STEPS), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
         while not checkpoint.list_checkpoints(out):
@@ -291,7 +293,7 @@ def test_plain_process_sigint_checkpoints_and_exits_3(mnist_root, tmp_path):
     assert "Traceback" not in stderr
 
 
-def test_resume_auto_needs_an_out_dir(mnist_root):
-    proc = python(str(TRAIN_SCRIPT), "--resume", "auto", "--data-dir", str(mnist_root))
+def test_resume_auto_needs_an_out_dir(small_mnist, cli):
+    proc = cli("--resume", "auto", "--data-dir", small_mnist)
     assert proc.returncode == 2
     assert_one_line_error(proc, "--resume auto needs --out-dir")

@@ -19,7 +19,9 @@ SUMMARY_KEYS = {"test_accuracy", "test_correct", "test_total", "world_size", "tr
                 "per_class_accuracy"}
 
 
-def check_run_dir(out: Path, world_size: int, epochs: int = 1) -> dict:
+def check_run_dir(out: Path, world_size: int, epochs: int = 1, test_total: int = 10000) -> dict:
+    """A finished run directory: its files, counts that add up, weights without wrapper prefixes.
+    ``test_total`` 1,000 for the small MNIST (its per-class counts are not checked)."""
     for name in ("config.json", "metrics.jsonl", "summary.json", "model.pt"):
         assert (out / name).is_file(), f"{name} missing in {out}"
     config = read_json(out / "config.json")
@@ -30,11 +32,13 @@ def check_run_dir(out: Path, world_size: int, epochs: int = 1) -> dict:
     summary = read_json(out / "summary.json")
     assert SUMMARY_KEYS <= set(summary)
     assert summary["world_size"] == world_size
-    assert summary["test_total"] == 10000
+    assert summary["test_total"] == test_total
     assert summary["test_correct"] == metrics[-1]["test_correct"]
-    assert abs(summary["test_accuracy"] - summary["test_correct"] / 10000) < 1e-12
+    assert abs(summary["test_accuracy"] - summary["test_correct"] / test_total) < 1e-12
     assert sum(summary["per_class_correct"]) == summary["test_correct"]
-    assert summary["per_class_total"] == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert sum(summary["per_class_total"]) == test_total
+    if test_total == 10000:
+        assert summary["per_class_total"] == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     state = torch.load(out / "model.pt", weights_only=True, map_location="cpu")
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state)
     return summary
@@ -48,19 +52,19 @@ def test_single_process_run_learns(trained_run):
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks(mnist_root, tmp_path):
-    out = tmp_path / "run"
-    proc = ok(torchrun(2, str(TRAIN_SCRIPT), "--data-dir", str(mnist_root), "--out-dir", str(out),
-                       "--max-steps", "120", *QUIET))
-    summary = check_run_dir(out, world_size=2)
-    assert summary["test_accuracy"] >= 0.95 and summary["launcher"] == "torchrun"
+def test_torchrun_two_ranks(small_mnist, reference_runs):
+    """The session's shared 2-rank run of the default recipe on the small MNIST (2 epochs)."""
+    out = reference_runs.get("--seed", "3", "--epochs", "2", "--data-dir", str(small_mnist), *QUIET, nproc=2)
+    proc = (out.parent / "stdout.txt").read_text()
+    summary = check_run_dir(out, world_size=2, epochs=2, test_total=1000)
+    assert summary["test_accuracy"] >= 0.9 and summary["launcher"] == "torchrun"
     assert read_json(out / "config.json")["backend"] == "gloo"
     assert read_json(out / "config.json")["per_rank_batch"] == 128
-    assert proc.stdout.count("epoch 1/1") == 1, "only rank 0 logs"
+    assert proc.count("epoch 1/2") == 1, "only rank 0 logs"
 
 
 @pytest.mark.slow
-def test_two_node_rendezvous_on_localhost(mnist_root, tmp_path):
+def test_two_node_rendezvous_on_localhost(small_mnist, tmp_path):
     """Two torchrun agents (two 'nodes') meet through a c10d rendezvous on a free port."""
     port = free_port()
     out = tmp_path / "run"
@@ -68,7 +72,7 @@ def test_two_node_rendezvous_on_localhost(mnist_root, tmp_path):
     for node_rank in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node_rank}",
                "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-               "--rdzv_id=twonode", str(TRAIN_SCRIPT), "--data-dir", str(mnist_root), "--out-dir",
+               "--rdzv_id=twonode", str(TRAIN_SCRIPT), "--data-dir", str(small_mnist), "--out-dir",
                str(out), "--max-steps", "20", *QUIET]
         procs.append(subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
@@ -79,26 +83,26 @@ def test_two_node_rendezvous_on_localhost(mnist_root, tmp_path):
             p.kill()
     for p, (stdout, stderr) in zip(procs, results):
         assert p.returncode == 0, stderr
-    check_run_dir(out, world_size=2)
+    check_run_dir(out, world_size=2, test_total=1000)
 
 
 @pytest.mark.slow
-def test_module_and_console_script_entry_points(mnist_root, tmp_path):
+def test_module_and_console_script_entry_points(small_mnist, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    ok(python("-m", "mnist_dist", "train", "--data-dir", str(mnist_root), "--out-dir", str(a),
-              "--max-steps", "5"))
+    ok(python("-m", "mnist_dist", "train", "--data-dir", str(small_mnist), "--out-dir", str(a),
+              "--max-steps", "5", *QUIET))
     script = shutil.which("mnist-dist") or str(Path(sys.executable).parent / "mnist-dist")
-    ok(subprocess.run([script, "--data-dir", str(mnist_root), "--out-dir", str(b), "--max-steps", "5"],
+    ok(subprocess.run([script, "--data-dir", str(small_mnist), "--out-dir", str(b), "--max-steps", "5", *QUIET],
                       capture_output=True, text=True, timeout=300, env=child_env()))
     for out in (a, b):
-        assert read_json(out / "summary.json")["test_total"] == 10000
+        assert read_json(out / "summary.json")["test_total"] == 1000
 
 
 @pytest.mark.slow
-def test_evaluate_is_exact_at_world_sizes_1_2_3(trained_run, mnist_root):
+def test_evaluate_is_exact_at_world_sizes_1_2_3(trained_run, mnist_root, cli):
     expected = read_json(trained_run / "summary.json")["test_correct"]
     args = ["-m", "mnist_dist", "evaluate", "--run-dir", str(trained_run), "--data-dir", str(mnist_root)]
-    results = [last_json_line(ok(python(*args)).stdout)]
+    results = [last_json_line(ok(cli(*args[2:])).stdout)]  # world size 1 in this process
     for world in (2, 3):
         results.append(last_json_line(ok(torchrun(world, *args)).stdout))
     assert [r["world_size"] for r in results] == [1, 2, 3]
@@ -107,7 +111,7 @@ def test_evaluate_is_exact_at_world_sizes_1_2_3(trained_run, mnist_root):
 
 
 @pytest.mark.slow
-def test_ddp_matches_single_process_with_the_same_global_batch(mnist_root, tmp_path):
+def test_ddp_matches_single_process_with_the_same_global_batch(mnist_root, tmp_path, cli):
     """Seed model: 2 ranks x 32 vs 1 rank x 64, same seed and sampler order, 20 steps.
 
     With SGD the update is linear in the gradient, so the two runs differ only by float summation
@@ -123,7 +127,7 @@ def test_ddp_matches_single_process_with_the_same_global_batch(mnist_root, tmp_p
     for optimizer, lr, tolerance in (("sgd", "0.05", 1e-5), ("adam", "1e-4", 1e-4)):
         one, two = tmp_path / f"{optimizer}-one", tmp_path / f"{optimizer}-two"
         flags = [*common, "--optimizer", optimizer, "--lr", lr]
-        ok(python(str(TRAIN_SCRIPT), *flags, "--out-dir", str(one)))
+        ok(cli(*flags, "--out-dir", one))  # one rank, in this process
         ok(torchrun(2, str(TRAIN_SCRIPT), *flags, "--out-dir", str(two)))
         a = torch.load(one / "model.pt", weights_only=True)
         b = torch.load(two / "model.pt", weights_only=True)
@@ -135,10 +139,10 @@ def test_ddp_matches_single_process_with_the_same_global_batch(mnist_root, tmp_p
 
 
 @pytest.mark.slow
-def test_classic_dataloader_and_bf16_paths(mnist_root, tmp_path):
+def test_classic_dataloader_and_bf16_paths(small_mnist, tmp_path):
     out = tmp_path / "loader"
     ok(torchrun(2, str(TRAIN_SCRIPT), "--loader", "dataloader", "--num-workers", "1", "--amp", "bf16",
-                "--max-steps", "40", "--data-dir", str(mnist_root), "--out-dir", str(out), *QUIET))
+                "--max-steps", "20", "--data-dir", str(small_mnist), "--out-dir", str(out), *QUIET))
     config = read_json(out / "config.json")
     assert config["amp"] == "bf16" and config["config"]["loader"] == "dataloader"
     metrics = read_jsonl(out / "metrics.jsonl")
