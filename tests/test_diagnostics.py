@@ -20,7 +20,7 @@ import pytest
 from conftest import (QUIET, REPO, TRAIN_SCRIPT, assert_one_line_error, child_env, free_port, ok, python,
                       read_json, read_jsonl, torchrun)
 
-HANG_TIMEOUT = 20  # --dist-timeout of the hang tests
+HANG_TIMEOUT = 12  # --dist-timeout of the hang tests
 
 
 def start_torchrun(nproc: int, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -95,22 +95,24 @@ def in_collective(where: str) -> bool:
     return "DDP all-reduces the gradients" in where or "torch.distributed.all_reduce <- mnist_dist/" in where
 
 
-def doctor(run_dir: Path) -> tuple[str, dict]:
-    text = ok(python("-m", "mnist_dist", "doctor", "--run-dir", str(run_dir), timeout=180)).stdout
-    data = json.loads(ok(python("-m", "mnist_dist", "doctor", "--run-dir", str(run_dir), "--json",
-                                timeout=180)).stdout)
+def doctor(cli, run_dir: Path) -> tuple[str, dict]:
+    """``mnist-dist doctor`` on a run directory, in this process: its text and its --json."""
+    text = ok(cli("doctor", "--run-dir", run_dir)).stdout
+    data = json.loads(ok(cli("doctor", "--run-dir", run_dir, "--json")).stdout)
     return text, data
 
 
 # ----------------------------------------------------------------------------- a lost rank is named
 @pytest.mark.slow
-def test_sigstopped_rank_is_named_by_the_report_and_by_doctor(mnist_root, tmp_path):
+def test_sigstopped_rank_is_named_by_the_report_and_by_doctor(small_mnist, tmp_path, cli):
     """Freeze rank 1 mid-epoch: the job exits non-zero within --dist-timeout + 60 s; rank 0's report
     names rank 1 and where both were; rank 0's stacks and Flight Recorder dump are in debug/; doctor
     says the same from the files alone."""
     out = tmp_path / "run"
-    launcher = start_torchrun(2, "--data-dir", str(mnist_root), "--out-dir", str(out), "--dist-timeout",
-                              str(HANG_TIMEOUT), "--epochs", "3", "--batch-size", "64", *QUIET)
+    # rank 0 sleeps 0.05 s after each step: the small MNIST's 3 epochs last longer than the 2 s wait
+    launcher = start_torchrun(2, "--data-dir", str(small_mnist), "--out-dir", str(out), "--dist-timeout",
+                              str(HANG_TIMEOUT), "--epochs", "3", "--batch-size", "64", *QUIET,
+                              env=child_env(MNIST_DIST_FAULT="delay,point=step,rank=0,seconds=0.05"))
     try:
         wait_for(out / "config.json", launcher)  # written right before the first epoch starts
         time.sleep(2)
@@ -147,7 +149,7 @@ def test_sigstopped_rank_is_named_by_the_report_and_by_doctor(mnist_root, tmp_pa
     assert in_collective(describe(stalls[0]["main"])), stalls
     assert (out / "debug" / "fr_trace_rank_0").is_file(), "gloo Flight Recorder dump"
 
-    text, data = doctor(out)
+    text, data = doctor(cli, out)
     assert "missing: rank 1" in text and "rank 1: MISSING" in text, text
     assert "rank 0: failed at epoch" in text and in_collective(text), text
     assert "flight recorder (torch's reader): rank 0: last gloo:all_reduce" in text, text
@@ -157,13 +159,14 @@ def test_sigstopped_rank_is_named_by_the_report_and_by_doctor(mnist_root, tmp_pa
 
 
 @pytest.mark.slow
-def test_monitored_barrier_names_the_rank_that_did_not_reach_the_epoch_end(mnist_root, tmp_path):
+def test_monitored_barrier_names_the_rank_that_did_not_reach_the_epoch_end(small_mnist, tmp_path, cli):
     """Rank 1 sleeps past --dist-timeout after its last step (fault injection): rank 0 waits in the
     epoch-end monitored barrier, which names rank 1; rank 1, alive but stuck, dumps its own stack."""
     out = tmp_path / "run"
-    env = child_env(MNIST_DIST_FAULT="delay,point=step,rank=1,step=29,seconds=16")
-    proc = torchrun(2, str(TRAIN_SCRIPT), "--data-dir", str(mnist_root), "--out-dir", str(out), "--max-steps",
-                    "29", "--stop-check-every", "1000", "--dist-timeout", "10", *QUIET, env=env, timeout=300)
+    env = child_env(MNIST_DIST_FAULT="delay,point=step,rank=1,step=29,seconds=11")
+    proc = torchrun(2, str(TRAIN_SCRIPT), "--data-dir", str(small_mnist), "--out-dir", str(out), "--batch-size",
+                    "128", "--max-steps", "29", "--stop-check-every", "1000", "--dist-timeout", "7", *QUIET,
+                    env=env, timeout=300)
     assert proc.returncode != 0
     assert "[rank 0] error: missing: rank 1;" in proc.stderr and "monitoredBarrier" in proc.stderr, proc.stderr
     failure = [e for e in read_json(out / "debug" / "rank-0.json")["events"] if e["kind"] == "failure"][-1]
@@ -174,18 +177,21 @@ def test_monitored_barrier_names_the_rank_that_did_not_reach_the_epoch_end(mnist
     stuck = parse_dumps((out / "debug" / "rank-1.txt").read_text())
     assert any(d["header"] and "no progress" in d["header"] and "mnist_dist/faults.py" in describe(d["main"])
                for d in stuck), (out / "debug" / "rank-1.txt").read_text()
-    text, _ = doctor(out)
+    text, _ = doctor(cli, out)
     assert "missing: rank 1" in text and "rank 1: MISSING per rank 0" in text, text
 
 
 # ----------------------------------------------------------------------------- stacks on demand
 @pytest.mark.slow
-def test_sigusr2_writes_a_ranks_stacks_and_training_continues_unchanged(mnist_root, tmp_path):
-    args = ("--data-dir", str(mnist_root), "--max-steps", "150", *QUIET)
-    plain = tmp_path / "plain"
-    ok(torchrun(2, str(TRAIN_SCRIPT), *args, "--out-dir", str(plain), timeout=300))
+def test_sigusr2_writes_a_ranks_stacks_and_training_continues_unchanged(small_mnist, tmp_path, cli,
+                                                                        reference_runs):
+    """(The signalled run's rank 0 sleeps 0.05 s after each step, so that it still trains while the
+    three dumps are taken; the math is the same as the plain run's.)"""
+    args = ("--data-dir", str(small_mnist), "--batch-size", "64", "--epochs", "2", "--max-steps", "150", *QUIET)
+    plain = reference_runs.get(*args, nproc=2)
     out = tmp_path / "signalled"
-    launcher = start_torchrun(2, *args, "--out-dir", str(out))
+    launcher = start_torchrun(2, *args, "--out-dir", str(out),
+                              env=child_env(MNIST_DIST_FAULT="delay,point=step,rank=0,seconds=0.05"))
     wait_for(out / "config.json", launcher)
     pids = rank_pids(launcher)
     from mnist_dist.diagnostics.stacks import parse_dumps
@@ -203,7 +209,7 @@ def test_sigusr2_writes_a_ranks_stacks_and_training_continues_unchanged(mnist_ro
         assert len(dumps) == count and all(d["header"] is None for d in dumps), dumps
         assert all(any("/mnist_dist/" in f[0] for f in d["main"]) for d in dumps), dumps
     assert not (plain / "debug").exists(), "a run without dumps leaves no debug/"
-    text, data = doctor(out)
+    text, data = doctor(cli, out)
     assert "rank 1: no stall or failure reported; 2 SIGUSR2 dump(s)" in text, text
     assert data["missing"] == [] and data["finished"]
 
@@ -216,17 +222,17 @@ def test_sigusr2_writes_a_ranks_stacks_and_training_continues_unchanged(mnist_ro
 
 
 @pytest.mark.slow
-def test_network_check_names_the_interface_and_can_be_skipped(mnist_root, tmp_path):
+def test_network_check_names_the_interface_and_can_be_skipped(small_mnist, tmp_path):
     env = child_env(GLOO_SOCKET_IFNAME="lo")
     out = tmp_path / "lo"
-    proc = ok(torchrun(2, str(TRAIN_SCRIPT), "--data-dir", str(mnist_root), "--out-dir", str(out),
+    proc = ok(torchrun(2, str(TRAIN_SCRIPT), "--data-dir", str(small_mnist), "--out-dir", str(out),
                        "--max-steps", "3", *QUIET, env=env, timeout=300))
     line = [x for x in proc.stdout.splitlines() if x.startswith("network check: ")]
     assert len(line) == 1 and "gloo, 2 ranks" in line[0] and "interface lo 127.0.0.1" in line[0], proc.stdout
     ranks = read_json(out / "config.json")["network"]["ranks"]
     assert [(r["value"], r["interface"], r["address"]) for r in ranks] == [("lo", "lo", "127.0.0.1")] * 2
     skipped = tmp_path / "skipped"
-    proc = ok(torchrun(2, str(TRAIN_SCRIPT), "--data-dir", str(mnist_root), "--out-dir", str(skipped),
+    proc = ok(torchrun(2, str(TRAIN_SCRIPT), "--data-dir", str(small_mnist), "--out-dir", str(skipped),
                        "--max-steps", "3", "--skip-network-check", *QUIET, timeout=300))
     assert "network check" not in proc.stdout
     assert read_json(skipped / "config.json")["network"] == {"skipped": True}
@@ -234,9 +240,9 @@ def test_network_check_names_the_interface_and_can_be_skipped(mnist_root, tmp_pa
 
 # ----------------------------------------------------------------------------- --profile
 @pytest.mark.slow
-def test_profile_writes_traces_of_both_ranks_a_table_and_a_breakdown(mnist_root, tmp_path):
+def test_profile_writes_traces_of_both_ranks_a_table_and_a_breakdown(small_mnist, tmp_path):
     out = tmp_path / "run"
-    proc = ok(torchrun(2, str(TRAIN_SCRIPT), "--data-dir", str(mnist_root), "--out-dir", str(out),
+    proc = ok(torchrun(2, str(TRAIN_SCRIPT), "--data-dir", str(small_mnist), "--out-dir", str(out),
                        "--max-steps", "20", "--profile", "--profile-steps", "2,2,5", *QUIET, timeout=300))
     assert "top ops by self_cpu_time_total" in proc.stdout and "Self CPU" in proc.stdout, proc.stdout
     for rank in (0, 1):
@@ -257,21 +263,21 @@ def test_profile_writes_traces_of_both_ranks_a_table_and_a_breakdown(mnist_root,
         assert parts == pytest.approx(row["step_ms"], rel=1e-6)
     # profiling changes no number: the same run without it ends with the same weights' accuracy
     plain = tmp_path / "plain"
-    ok(torchrun(2, str(TRAIN_SCRIPT), "--data-dir", str(mnist_root), "--out-dir", str(plain),
+    ok(torchrun(2, str(TRAIN_SCRIPT), "--data-dir", str(small_mnist), "--out-dir", str(plain),
                 "--max-steps", "20", "--skip-network-check", *QUIET, timeout=300))
     assert read_json(plain / "summary.json")["test_loss"] == read_json(out / "summary.json")["test_loss"]
 
 
 # ----------------------------------------------------------------------------- --tensorboard
 @pytest.mark.slow
-def test_tensorboard_event_files_match_metrics_jsonl(mnist_root, tmp_path):
+def test_tensorboard_event_files_match_metrics_jsonl(small_mnist, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
     out = tmp_path / "run"
-    ok(torchrun(2, str(TRAIN_SCRIPT), "--data-dir", str(mnist_root), "--out-dir", str(out), "--epochs", "2",
-                "--batch-size", "2000", "--log-every", "10", "--tensorboard", "--no-progress", "--no-export",
+    ok(torchrun(2, str(TRAIN_SCRIPT), "--data-dir", str(small_mnist), "--out-dir", str(out), "--epochs", "2",
+                "--batch-size", "200", "--log-every", "10", "--tensorboard", "--no-progress", "--no-export",
                 timeout=400))
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1, "rank 0 only"
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
@@ -284,13 +290,13 @@ def test_tensorboard_event_files_match_metrics_jsonl(mnist_root, tmp_path):
         points = [(e.step, e.value) for e in acc.Scalars(key)]
         for record in metrics:
             assert (record["global_step"], pytest.approx(record[key], rel=1e-6)) in points, key
-    steps_per_epoch = read_json(out / "config.json")["steps_per_epoch"]  # 30 at batch 2000
+    steps_per_epoch = read_json(out / "config.json")["steps_per_epoch"]  # 30 at batch 200
     assert [e.step for e in acc.Scalars("batch_loss")] == list(range(10, 2 * steps_per_epoch + 1, 10))
     assert all(e.value > 0 for e in acc.Scalars("batch_loss"))
     content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     hparams = HParamsPluginData.FromString(content).session_start_info.hparams
     config = read_json(out / "config.json")["config"]
-    assert hparams["batch_size"].number_value == config["batch_size"] == 2000
+    assert hparams["batch_size"].number_value == config["batch_size"] == 200
     assert hparams["model"].string_value == config["model"] and set(config) == set(hparams)
     assert set(acc.Tags()["images"]) == {"curves", "confusion_matrix", "mistakes"}
     image = acc.Images("curves")[0]
@@ -298,20 +304,21 @@ def test_tensorboard_event_files_match_metrics_jsonl(mnist_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_tensorboard_curves_do_not_fork_after_a_crash_and_resume(mnist_root, tmp_path):
-    """Killed at step 25 (checkpoint at 20), resumed: the first attempt's point at 25 is purged."""
+def test_tensorboard_curves_do_not_fork_after_a_crash_and_resume(small_mnist, tmp_path, cli):
+    """Killed at step 25 (checkpoint at 20), resumed (in this process): the first attempt's point at
+    25 is purged."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    args = (str(TRAIN_SCRIPT), "--data-dir", str(mnist_root), "--out-dir", str(out), "--max-steps", "40",
-            "--checkpoint-every", "10", "--log-every", "5", "--tensorboard", *QUIET)
+    args = (str(TRAIN_SCRIPT), "--data-dir", str(small_mnist), "--out-dir", str(out), "--batch-size", "128",
+            "--max-steps", "40", "--checkpoint-every", "10", "--log-every", "5", "--tensorboard", *QUIET)
     crashed = python(*args, env=child_env(MNIST_DIST_FAULT="kill,point=step,rank=0,step=25"), timeout=300)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     first = EventAccumulator(str(next((out / "tensorboard").glob("events.out.tfevents.*"))))
     first.Reload()
     assert [e.step for e in first.Scalars("batch_loss")] == [5, 10, 15, 20, 25]
-    ok(python(*args, "--resume", "auto", timeout=300))
+    ok(cli(*args[1:], "--resume", "auto"))
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2
     both = EventAccumulator(str(out / "tensorboard"))
     both.Reload()
@@ -319,34 +326,32 @@ def test_tensorboard_curves_do_not_fork_after_a_crash_and_resume(mnist_root, tmp
     assert [e.step for e in both.Scalars("test_accuracy")] == [40]
 
 
-def test_tensorboard_without_the_package_is_one_error_line(tmp_path):
-    code = ("import sys; sys.modules['tensorboard'] = None; sys.argv[0] = 'train_ddp.py'; "
-            "from mnist_dist.cli import main; sys.exit(main(['--tensorboard', '--out-dir', sys.argv[1]]))")
-    proc = python("-c", code, str(tmp_path / "run"), timeout=120)
+def test_tensorboard_without_the_package_is_one_error_line(tmp_path, cli, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` fails, as without the package
+    proc = cli("--tensorboard", "--out-dir", tmp_path / "run")
     assert proc.returncode == 2
     assert_one_line_error(proc, "--tensorboard needs the Python package 'tensorboard'", "mnist-dist[tensorboard]")
 
 
 @pytest.mark.parametrize("value", ["1,2", "a,b,c", "1,2,0", "-1,0,3"])
-def test_bad_profile_steps_is_one_error_line(value, tmp_path):
-    proc = python(str(TRAIN_SCRIPT), "--profile", f"--profile-steps={value}", "--out-dir", str(tmp_path / "r"),
-                  timeout=120)
+def test_bad_profile_steps_is_one_error_line(value, tmp_path, cli):
+    proc = cli("--profile", f"--profile-steps={value}", "--out-dir", tmp_path / "r")
     assert proc.returncode == 2
     assert_one_line_error(proc, "--profile-steps must be WAIT,WARMUP,ACTIVE")
 
 
 # ----------------------------------------------------------------------------- per-epoch resources
 @pytest.mark.slow
-def test_epoch_records_carry_peak_memory_and_the_data_wait_split(trained_run, mnist_root, tmp_path):
+def test_epoch_records_carry_peak_memory_and_the_data_wait_split(trained_run, small_mnist, tmp_path, cli):
     record = read_jsonl(trained_run / "metrics.jsonl")[-1]
     assert record["memory_kind"] == "peak_rss" and record["peak_memory_mb"] > 100  # a torch process on the CPU
     assert record["peak_memory_mb_per_rank"] == [record["peak_memory_mb"]]
     assert record["data_wait_seconds"] + record["compute_seconds"] == pytest.approx(record["epoch_seconds"])
     # the classic per-sample DataLoader waits for its data far more than the device-resident tensors
     out = tmp_path / "loader"
-    ok(python(str(TRAIN_SCRIPT), "--data-dir", str(mnist_root), "--out-dir", str(out), "--loader", "dataloader",
-              "--num-workers", "0", "--max-steps", "40", *QUIET, timeout=300))
+    ok(cli("--data-dir", small_mnist, "--out-dir", out, "--loader", "dataloader", "--num-workers", "0",
+           "--max-steps", "20", *QUIET))
     loader = read_jsonl(out / "metrics.jsonl")[-1]
     assert loader["data_wait_fraction"] > 2 * record["data_wait_fraction"], (loader, record)
-    text, data = doctor(trained_run)
+    text, data = doctor(cli, trained_run)
     assert "no debug/ directory" in text and data["finished"] and not (trained_run / "debug").exists()

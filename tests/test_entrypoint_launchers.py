@@ -61,11 +61,11 @@ def finish(procs: list[subprocess.Popen], timeout: float = 300) -> None:
         assert p.returncode == 0, f"exit {p.returncode}\nstdout:\n{out}\nstderr:\n{err}"
 
 
-def test_two_pytorchjob_pods_each_run_one_rank(mnist_root, tmp_path):
+def test_two_pytorchjob_pods_each_run_one_rank(small_mnist, tmp_path):
     """Two 'pods' with the variables the training operator sets (WORLD_SIZE, RANK, MASTER_ADDR,
     MASTER_PORT, PET_NNODES, PET_NODE_RANK): each entrypoint runs train_ddp.py as its rank."""
     out, port = tmp_path / "run", str(free_port())
-    flags = ["--max-steps", "10", "--data-dir", str(mnist_root), "--out-dir", str(out), *QUIET]
+    flags = ["--max-steps", "10", "--data-dir", str(small_mnist), "--out-dir", str(out), *QUIET]
     finish([entrypoint(*flags, WORLD_SIZE="2", RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
                        PET_NNODES="2", PET_NODE_RANK=str(r)) for r in (0, 1)])
     summary = read_json(out / "summary.json")
@@ -73,11 +73,11 @@ def test_two_pytorchjob_pods_each_run_one_rank(mnist_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_trainjob_pet_variables_drive_torchrun(mnist_root, tmp_path):
+def test_trainjob_pet_variables_drive_torchrun(small_mnist, tmp_path):
     """One 'node' of a TrainJob: PET_NNODES=1, PET_NPROC_PER_NODE=2, PET_MASTER_*: the entrypoint's
     torchrun takes them (2 ranks from PET_NPROC_PER_NODE, none from its own GPU count)."""
     out = tmp_path / "run"
-    proc = run([BASH, str(ENTRYPOINT), "--max-steps", "10", "--data-dir", str(mnist_root), "--out-dir", str(out),
+    proc = run([BASH, str(ENTRYPOINT), "--max-steps", "10", "--data-dir", str(small_mnist), "--out-dir", str(out),
                 *QUIET], timeout=300,
                env=child_env(PYTHON=sys.executable, MNIST_DIST_TRAIN_SCRIPT=str(REPO / "train_ddp.py"),
                              PYTHONPATH=str(REPO), PET_NNODES="1", PET_NODE_RANK="0", PET_NPROC_PER_NODE="2",

@@ -94,12 +94,12 @@ def test_cycle_finder_names_a_cycle(tmp_path):
     assert cycle is not None and set(cycle) == {"mnist_dist.a", "mnist_dist.sub.b", "mnist_dist.c"}, cycle
 
 
-def test_default_run_imports_no_optional_packages(mnist_root, tmp_path):
+def test_default_run_imports_no_optional_packages(small_mnist, tmp_path):
     """A default run without pictures and export imports none of torchvision, matplotlib, wandb,
     accelerate, tensorboard, ray, optuna or yaml (each costs start-up seconds it does not use), nor our
     Ray launcher: every import of the real process is listed by ``python -X importtime``. (torch._dynamo is not on the list: torch.optim's optimizers
     import it on construction, ~1.6 s here, in every torch training script.)"""
-    proc = ok(python("-X", "importtime", str(REPO / "train_ddp.py"), "--data-dir", str(mnist_root),
+    proc = ok(python("-X", "importtime", str(REPO / "train_ddp.py"), "--data-dir", str(small_mnist),
                      "--out-dir", str(tmp_path / "run"), "--max-steps", "2", *QUIET, timeout=180))
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert "torch" in imported and "mnist_dist.train" in imported, "importtime listed nothing"

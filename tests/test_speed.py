@@ -104,35 +104,37 @@ def test_prepare_model_converts_batchnorm_only_under_a_cuda_process_group():
 
 
 # ----------------------------------------------------------------------------- real runs
-def train(mnist_root, out, *args, nproc: int = 0, timeout: float = 300):
-    flags = [str(TRAIN_SCRIPT), "--data-dir", str(mnist_root), "--out-dir", str(out), *QUIET, *args]
+def train(data_root, out, *args, nproc: int = 0, timeout: float = 300, cli=None):
+    """A real run: under torchrun (``nproc``), in this process (``cli``), or a plain process."""
+    flags = [str(TRAIN_SCRIPT), "--data-dir", str(data_root), "--out-dir", str(out), *QUIET, *args]
     if nproc:
         return ok(torchrun(nproc, *flags, timeout=timeout))
+    if cli is not None:
+        return ok(cli(*flags[1:]))
     return ok(python(*flags, timeout=timeout))
 
 
 @pytest.mark.slow
-def test_batchnorm_two_ranks_gloo_with_exact_eval(mnist_root, tmp_path):
+def test_batchnorm_two_ranks_gloo_with_exact_eval(small_mnist, tmp_path, cli):
     """CPU/gloo: per-rank BatchNorm, running statistics averaged before evaluation. The 2-rank
     evaluation during training (each rank its own model copy and shard) must equal rank 0's saved
     weights evaluated alone: it would not if rank 1's statistics differed from rank 0's."""
     out = tmp_path / "run"
-    train(mnist_root, out, "--recipe", "best", "--epochs", "1", "--max-steps", "20", nproc=2)
+    train(small_mnist, out, "--recipe", "best", "--epochs", "1", "--max-steps", "20", nproc=2)
     summary = read_json(out / "summary.json")
     assert summary["sync_batchnorm"] is False and summary["world_size"] == 2
-    assert summary["test_total"] == 10000 and summary["test_accuracy"] > 0.5
-    # the saved weights evaluate to the same exact counts in a plain process and on 3 ranks
-    for launch in (lambda *a: python(*a), lambda *a: torchrun(3, *a)):
-        proc = ok(launch("-m", "mnist_dist", "evaluate", "--run-dir", str(out), "--data-dir", str(mnist_root)))
+    assert summary["test_total"] == 1000 and summary["test_accuracy"] > 0.5
+    # the saved weights evaluate to the same exact counts in a plain process (this one) and on 3 ranks
+    for launch in (lambda *a: cli(*a[2:]), lambda *a: torchrun(3, *a)):
+        proc = ok(launch("-m", "mnist_dist", "evaluate", "--run-dir", str(out), "--data-dir", str(small_mnist)))
         result = last_json_line(proc.stdout)
-        assert (result["test_correct"], result["test_total"]) == (summary["test_correct"], 10000)
+        assert (result["test_correct"], result["test_total"]) == (summary["test_correct"], 1000)
 
 
-@pytest.mark.slow
-def test_warmup_restores_state_exactly(mnist_root, tmp_path):
+def test_warmup_restores_state_exactly(small_mnist, tmp_path, cli):
     common = ["--recipe", "best", "--max-steps", "6", "--threads", "1"]
-    train(mnist_root, tmp_path / "plain", *common)
-    train(mnist_root, tmp_path / "warm", *common, "--warmup-steps", "4")
+    train(small_mnist, tmp_path / "plain", *common, cli=cli)
+    train(small_mnist, tmp_path / "warm", *common, "--warmup-steps", "4", cli=cli)
     a = torch.load(tmp_path / "plain" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "warm" / "model.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \
@@ -140,11 +142,10 @@ def test_warmup_restores_state_exactly(mnist_root, tmp_path):
     assert read_json(tmp_path / "warm" / "summary.json")["warmup_seconds"] > 0
 
 
-@pytest.mark.slow
-def test_time_to_target_with_mid_epoch_evaluation(mnist_root, tmp_path):
+def test_time_to_target_with_mid_epoch_evaluation(small_mnist, tmp_path, cli):
     out = tmp_path / "run"
-    train(mnist_root, out, "--max-steps", "40", "--eval-every", "10", "--target-accuracy", "0.8",
-          "--channels-last")
+    train(small_mnist, out, "--batch-size", "128", "--max-steps", "40", "--eval-every", "10",
+          "--target-accuracy", "0.8", "--channels-last", cli=cli)
     summary = read_json(out / "summary.json")
     metrics = read_jsonl(out / "metrics.jsonl")
     assert summary["channels_last"] is True
@@ -153,21 +154,22 @@ def test_time_to_target_with_mid_epoch_evaluation(mnist_root, tmp_path):
     assert 0 < summary["seconds_to_target"] <= summary["train_seconds"]
     assert summary["train_seconds"] == pytest.approx(metrics[-1]["epoch_seconds"])
     # an unreachable target stays unreached (no number is made up)
-    train(mnist_root, tmp_path / "never", "--max-steps", "5", "--target-accuracy", "1.0")
+    train(small_mnist, tmp_path / "never", "--max-steps", "5", "--target-accuracy", "1.0", cli=cli)
     assert read_json(tmp_path / "never" / "summary.json")["seconds_to_target"] is None
 
 
 @pytest.mark.slow
-def test_time_to_target_survives_a_crash_and_resume(mnist_root, tmp_path):
+def test_time_to_target_survives_a_crash_and_resume(small_mnist, tmp_path, cli):
     """The clock's record travels in checkpoints: reached at step 10 or 20, checkpointed at 25,
-    crashed at 32, resumed -> the same step and accuracy as the uninterrupted run (a clock that
-    restarted at the resume would first look again at step 30)."""
-    flags = ["--max-steps", "40", "--eval-every", "10", "--target-accuracy", "0.8", "--checkpoint-every", "25"]
-    train(mnist_root, tmp_path / "straight", *flags)
+    crashed at 32 (a real process), resumed (in this process) -> the same step and accuracy as the
+    uninterrupted run (a clock that restarted at the resume would first look again at step 30)."""
+    flags = ["--batch-size", "128", "--max-steps", "40", "--eval-every", "10", "--target-accuracy", "0.8",
+             "--checkpoint-every", "25"]
+    train(small_mnist, tmp_path / "straight", *flags, cli=cli)
     crashed = tmp_path / "crashed"
-    args = [str(TRAIN_SCRIPT), "--data-dir", str(mnist_root), "--out-dir", str(crashed), *QUIET, *flags]
+    args = [str(TRAIN_SCRIPT), "--data-dir", str(small_mnist), "--out-dir", str(crashed), *QUIET, *flags]
     assert python(*args, env=child_env(MNIST_DIST_FAULT="raise,rank=0,step=32")).returncode != 0
-    ok(python(*args, "--resume", "auto"))
+    ok(cli(*args[1:], "--resume", "auto"))
     straight, resumed = (read_json(tmp_path / name / "summary.json") for name in ("straight", "crashed"))
     assert straight["steps_to_target"] in (10, 20)
     for key in ("steps_to_target", "accuracy_at_target", "mid_epoch_evaluations", "test_correct"):
@@ -176,12 +178,12 @@ def test_time_to_target_survives_a_crash_and_resume(mnist_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_short_run_on_cpu(mnist_root, tmp_path):
+def test_compiled_short_run_on_cpu(small_mnist, tmp_path):
     out = tmp_path / "run"
-    train(mnist_root, out, "--compile", "--max-steps", "8", "--warmup-steps", "2", timeout=600)
+    train(small_mnist, out, "--compile", "--max-steps", "8", "--warmup-steps", "2", timeout=600)
     summary = read_json(out / "summary.json")
     assert summary["compile"] is True and summary["compile_mode"] == "default"
-    assert summary["test_total"] == 10000 and summary["test_accuracy"] > 0.5
+    assert summary["test_total"] == 1000 and summary["test_accuracy"] > 0.5
     state = torch.load(out / "model.pt", weights_only=True)
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state)
 
@@ -193,7 +195,7 @@ def test_compiled_short_run_on_cpu(mnist_root, tmp_path):
     (["--target-accuracy", "0"], "--target-accuracy"),
     (["--eval-every", "-1"], "--eval-every"),
 ])
-def test_bad_speed_flags(mnist_root, tmp_path, args, needle):
-    proc = python(str(TRAIN_SCRIPT), "--data-dir", str(mnist_root), "--out-dir", str(tmp_path / "r"),
-                  "--max-steps", "1", *QUIET, *args, timeout=120)
+def test_bad_speed_flags(small_mnist, tmp_path, args, needle, cli):
+    proc = cli("--data-dir", small_mnist, "--out-dir", tmp_path / "r", "--max-steps", "1", *QUIET, *args)
+    assert proc.returncode == 2
     assert_one_line_error(proc, needle)
