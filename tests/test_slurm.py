@@ -3,7 +3,7 @@
 Launching: one and two nodes, the rendezvous, CPU requests, the environment on the nodes, fail-fast
 preflight. (Stop signals and arrays: test_slurm_stop.py; containers: test_slurm_containers.py.)
 
-The cluster (tests/slurm_cluster.py) is started once for this module from a config written into a
+The cluster (tests/slurm_cluster.py) is started once per test session from a config written into a
 temporary directory and stopped by PID afterwards, also on failure. Each node has 2 CPUs and two fake
 GPUs (GRES backed by /dev/null) so that the GPU preflight can be exercised; CPU jobs do not ask for them.
 Skips only when the SLURM/munge programs are not installed (CI installs slurm-wlm and munge), or when
@@ -46,14 +46,13 @@ def test_one_node_job_meets_accuracy_target(cluster, job_dirs, mnist_root):
 
 
 @pytest.mark.slow
-def test_two_node_job_runs_ranks_on_both_nodes(cluster, job_dirs, mnist_root):
+def test_two_node_job_runs_ranks_on_both_nodes(cluster, job_dirs, small_mnist):
     logs, runs = job_dirs
-    proc = sbatch(cluster, logs, runs, *data_args(mnist_root), "--max-steps", "60",
-                  options=("--nodes=2", "--cpus-per-task=1"))
+    proc = sbatch(cluster, logs, runs, *data_args(small_mnist), options=("--nodes=2", "--cpus-per-task=1"))
     jid = job_id(proc)
     assert proc.returncode == 0, explain(cluster, logs, jid, proc)
     summary = read_json(runs / f"slurm-{jid}" / "summary.json")
-    assert summary["world_size"] >= 2 and summary["test_total"] == 10000, summary
+    assert summary["world_size"] >= 2 and summary["test_total"] == 1000, summary
     log = job_log(logs, jid)
     # srun --label prefixes each line with the task (= node) index; each node's agent names its node,
     # and torchrun (LOGLEVEL=INFO) logs the global ranks it started.
@@ -68,10 +67,10 @@ def test_two_node_job_runs_ranks_on_both_nodes(cluster, job_dirs, mnist_root):
 
 
 @pytest.mark.slow
-def test_preflight_fails_fast_when_allocated_gpus_are_not_visible(cluster, job_dirs, mnist_root):
+def test_preflight_fails_fast_when_allocated_gpus_are_not_visible(cluster, job_dirs, small_mnist):
     # the nodes' GPUs are fake (/dev/null): SLURM allocates them, torch sees none
     logs, runs = job_dirs
-    proc = sbatch(cluster, logs, runs, *data_args(mnist_root),
+    proc = sbatch(cluster, logs, runs, *data_args(small_mnist),
                   options=("--nodes=2", "--cpus-per-task=1", "--gres=gpu:2"), timeout=180)
     jid = job_id(proc)
     assert proc.returncode == 2, explain(cluster, logs, jid, proc)
@@ -109,7 +108,7 @@ def own_addresses() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_rendezvous_on_an_address_the_hostname_does_not_resolve_to(cluster, job_dirs, mnist_root):
+def test_rendezvous_on_an_address_the_hostname_does_not_resolve_to(cluster, job_dirs, small_mnist):
     # A fast-network address (what slurm/README.md recommends for RDZV_HOST): torchrun's own guess of
     # which agent hosts the c10d store matches the endpoint against the hostname, finds no match on any
     # node, and no agent hosts it. The script tells node 0 (is_host=1) and the others (is_host=0).
@@ -119,7 +118,7 @@ def test_rendezvous_on_an_address_the_hostname_does_not_resolve_to(cluster, job_
     if not candidates:
         pytest.skip(f"every address of this machine matches its hostname for torchrun ({own_addresses()})")
     logs, runs = job_dirs
-    proc = sbatch(cluster, logs, runs, *data_args(mnist_root), "--max-steps", "20",
+    proc = sbatch(cluster, logs, runs, *data_args(small_mnist), "--max-steps", "20",
                   options=("--nodes=2", "--cpus-per-task=1"), RDZV_HOST=candidates[0], timeout=300)
     jid = job_id(proc)
     assert proc.returncode == 0, explain(cluster, logs, jid, proc)
@@ -133,12 +132,12 @@ def test_rendezvous_on_an_address_the_hostname_does_not_resolve_to(cluster, job_
 
 
 @pytest.mark.slow
-def test_cpus_per_gpu_and_mem_per_gpu_requests_are_accepted_and_used(cluster, job_dirs, mnist_root):
+def test_cpus_per_gpu_and_mem_per_gpu_requests_are_accepted_and_used(cluster, job_dirs, small_mnist):
     # --cpus-per-gpu cannot be combined with --cpus-per-task (the script used to set it): sbatch refused.
     # Without --cpus-per-task the step gets every CPU of the node (here 2 GPUs x 1), split between ranks.
     # The GPUs are fake, so GPUS_PER_NODE=0 makes the ranks train on the CPU with that allocation.
     logs, runs = job_dirs
-    proc = sbatch(cluster, logs, runs, *data_args(mnist_root), "--max-steps", "20",
+    proc = sbatch(cluster, logs, runs, *data_args(small_mnist), "--max-steps", "20",
                   options=("--nodes=1", "--gpus-per-node=2", "--cpus-per-gpu=1", "--mem-per-gpu=64M"),
                   GPUS_PER_NODE="0", timeout=300)
     jid = job_id(proc)
@@ -149,15 +148,16 @@ def test_cpus_per_gpu_and_mem_per_gpu_requests_are_accepted_and_used(cluster, jo
 
 
 @pytest.mark.slow
-def test_export_none_with_setup_loads_the_environment_on_every_node(cluster, job_dirs, mnist_root):
+def test_export_none_with_setup_loads_the_environment_on_every_node(cluster, job_dirs, small_mnist):
     # sbatch --export=NONE: the job starts with a login environment, not ours; SETUP brings our venv and
     # the checkout (on every node), and the steps must inherit it (SLURM_EXPORT_ENV=NONE would not).
     logs, runs = job_dirs
     activate = Path(sys.prefix) / "bin" / "activate"
     load = f"source {activate}" if activate.is_file() else f"export PATH={Path(sys.executable).parent}:$PATH"
-    setup = f"{load}; export PYTHONPATH={REPO} RUNS_DIR={runs}; echo setup ran on $(hostname)"
+    setup = (f"{load}; export PYTHONPATH={REPO} RUNS_DIR={runs} MNIST_DIST_ALLOW_SUBSET=1; "
+             f"echo setup ran on $(hostname)")
     assert "," not in setup  # sbatch --export splits on commas
-    proc = sbatch(cluster, logs, runs, *data_args(mnist_root), "--max-steps", "20",
+    proc = sbatch(cluster, logs, runs, *data_args(small_mnist), "--max-steps", "20",
                   options=("--nodes=2", "--cpus-per-task=1", f"--export=NONE,SETUP={setup}"), timeout=300)
     jid = job_id(proc)
     assert proc.returncode == 0, explain(cluster, logs, jid, proc)
@@ -168,11 +168,11 @@ def test_export_none_with_setup_loads_the_environment_on_every_node(cluster, job
     assert len(re.findall(r"^(\d: )?setup ran on ", log, re.M)) == 5, log
 
 
-def test_python_without_the_project_is_one_error_with_a_hint(cluster, job_dirs, mnist_root, tmp_path):
+def test_python_without_the_project_is_one_error_with_a_hint(cluster, job_dirs, small_mnist, tmp_path):
     bare = tmp_path / "bare-venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
     logs, runs = job_dirs
-    proc = sbatch(cluster, logs, runs, *data_args(mnist_root),
+    proc = sbatch(cluster, logs, runs, *data_args(small_mnist),
                   options=("--nodes=1", f"--export=NONE,PYTHON={bare}/bin/python"), timeout=180)
     jid = job_id(proc)
     assert proc.returncode == 2, explain(cluster, logs, jid, proc)

@@ -99,22 +99,22 @@ def stand_in(tmp_path: Path, name: str, text: str) -> Path:
 
 
 @pytest.mark.slow
-def test_apptainer_mode_runs_every_step_through_apptainer(cluster, job_dirs, mnist_root, tmp_path):
+def test_apptainer_mode_runs_every_step_through_apptainer(cluster, job_dirs, small_mnist, tmp_path):
     logs, runs = job_dirs
     bindir = stand_in(tmp_path, "apptainer", APPTAINER_STAND_IN)
     image, calls = tmp_path / "mnist-dist.sif", tmp_path / "apptainer.calls"
     image.write_bytes(b"not a real image")
-    proc = sbatch(cluster, logs, runs, *data_args(mnist_root), "--max-steps", "20",
+    proc = sbatch(cluster, logs, runs, *data_args(small_mnist), "--max-steps", "20",
                   options=("--nodes=2", "--cpus-per-task=1"), timeout=300, CONTAINER_IMAGE=str(image),
                   PATH=f"{bindir}:{os.environ['PATH']}", STAND_IN_LOG=str(calls), STAND_IN_APP=str(REPO),
                   STAND_IN_PYTHON=sys.executable, PYTHONPATH=poisoned_pythonpath(tmp_path))
     jid = job_id(proc)
     assert proc.returncode == 0, explain(cluster, logs, jid, proc)
     assert read_json(runs / f"slurm-{jid}" / "summary.json")["world_size"] == 2
-    prefix = f"exec --nv --bind {mnist_root.resolve()},{runs.resolve()} --pwd /app {image} {CLEAN_PYTHON} -m "
+    prefix = f"exec --nv --bind {small_mnist.resolve()},{runs.resolve()} --pwd /app {image} {CLEAN_PYTHON} -m "
     lines = calls.read_text().splitlines()
     calls_ = [line for line in lines if not line.startswith("PYTHONNOUSERSITE=")]
-    download = f"{prefix}mnist_dist download --data-dir {mnist_root.resolve()}"
+    download = f"{prefix}mnist_dist download --data-dir {small_mnist.resolve()}"
     assert [line.split(" ", 1)[1] for line in calls_].count(download) == 1, lines  # once, on the batch node
     for node in ("node1", "node2"):
         assert any(line.startswith(f"{node} {prefix}mnist_dist.preflight ") for line in calls_), lines
@@ -126,13 +126,13 @@ def test_apptainer_mode_runs_every_step_through_apptainer(cluster, job_dirs, mni
 
 
 @pytest.mark.slow
-def test_pyxis_mode_runs_every_step_in_the_image(cluster, job_dirs, mnist_root, tmp_path):
+def test_pyxis_mode_runs_every_step_in_the_image(cluster, job_dirs, small_mnist, tmp_path):
     logs, runs = job_dirs
     real_srun = shutil.which("srun")
     bindir = stand_in(tmp_path, "srun", SRUN_STAND_IN)
     calls = tmp_path / "srun.calls"
     image = "registry.example.org#mnist/mnist-dist:test"
-    proc = sbatch(cluster, logs, runs, *data_args(mnist_root), "--max-steps", "10",
+    proc = sbatch(cluster, logs, runs, *data_args(small_mnist), "--max-steps", "10",
                   options=("--nodes=1", "--cpus-per-task=2"), timeout=300, PYXIS_IMAGE=image,
                   PATH=f"{bindir}:{os.environ['PATH']}", STAND_IN_LOG=str(calls), STAND_IN_APP=str(REPO),
                   STAND_IN_PYTHON=sys.executable, STAND_IN_SRUN=str(real_srun),
@@ -140,14 +140,14 @@ def test_pyxis_mode_runs_every_step_in_the_image(cluster, job_dirs, mnist_root, 
     jid = job_id(proc)
     assert proc.returncode == 0, explain(cluster, logs, jid, proc)
     assert read_json(runs / f"slurm-{jid}" / "summary.json")["world_size"] == 1
-    flags = (f"--container-image={image} --container-mounts={mnist_root.resolve()}:{mnist_root.resolve()},"
+    flags = (f"--container-image={image} --container-mounts={small_mnist.resolve()}:{small_mnist.resolve()},"
              f"{runs.resolve()}:{runs.resolve()} --container-workdir=/app")
     lines = calls.read_text().splitlines()
     assert all(flags in line for line in lines), "\n".join(lines)  # every srun runs in the image
     batch_steps = [line for line in lines if "--ntasks-per-node" not in line]  # the one-task steps
     assert [line.rsplit(" step ", 1)[1] for line in batch_steps] == [
         f"{CLEAN_PYTHON} -c import torch, mnist_dist",
-        f"{CLEAN_PYTHON} -m mnist_dist download --data-dir {mnist_root.resolve()}",  # in the image, once
+        f"{CLEAN_PYTHON} -m mnist_dist download --data-dir {small_mnist.resolve()}",  # in the image, once
     ], lines
     assert any(f"{CLEAN_PYTHON} -m mnist_dist.preflight " in line for line in lines), lines
     assert any(f"{CLEAN_PYTHON} -m torch.distributed.run " in line and " /app/train_ddp.py " in line

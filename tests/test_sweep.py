@@ -11,18 +11,16 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import QUIET, REPO, assert_one_line_error, child_env, ok, python, read_json, read_jsonl
+from slurm_jobs import on_the_cluster
 
 from mnist_dist.dist import usable_cpu_count
 from mnist_dist.errors import UserError
@@ -65,18 +63,17 @@ def sigterm_when_ready(cmd: list[str], env: dict[str, str], log_path: Path, read
             proc.kill()
 
 
-@pytest.mark.slow
-def test_bad_sweep_input_is_one_error_line(tmp_path):
+def test_bad_sweep_input_is_one_error_line(tmp_path, cli, monkeypatch):
     space = tmp_path / "space.toml"
     space.write_text("[lr]\nlow = 0.001\nhigh = 0.01\nlog = true\n")
-    base = [*SWEEP, "--sweep-dir", str(tmp_path / "s"), "--trials", "2"]
+    base = ["sweep", "--sweep-dir", str(tmp_path / "s"), "--trials", "2"]
 
     empty = tmp_path / "empty.toml"
     empty.write_text("# nothing to sweep\n")
-    assert_one_line_error(python(*base, "--space", str(empty)), "the space is empty")
+    assert_one_line_error(cli(*base, "--space", str(empty)), "the space is empty")
     unknown = tmp_path / "unknown.toml"
     unknown.write_text("[learning-rate]\nlow = 0.001\nhigh = 0.01\n")
-    assert_one_line_error(python(*base, "--space", str(unknown)), "unknown flag 'learning-rate'")
+    assert_one_line_error(cli(*base, "--space", str(unknown)), "unknown flag 'learning-rate'")
     for text, needle in (("[lr]\nlow = 0.1\nhigh = 0.01\n", "needs low < high"),
                          ("[lr]\nlow = 0.0\nhigh = 0.01\nlog = true\n", "log scale needs low > 0"),
                          ("[epochs]\nlow = 1.5\nhigh = 3\n", "low must be an int"),
@@ -86,28 +83,29 @@ def test_bad_sweep_input_is_one_error_line(tmp_path):
                          ("[lr]\nlow = 0.001\nhigh = 0.01\nlgo = true\n", "unknown keys lgo")):
         bad = tmp_path / "bad.toml"
         bad.write_text(text)
-        assert_one_line_error(python(*base, "--space", str(bad)), needle)
+        assert_one_line_error(cli(*base, "--space", str(bad)), needle)
     too_many = usable_cpu_count() + 1
-    assert_one_line_error(python(*base, "--space", str(space), "--parallel", str(too_many)),
+    assert_one_line_error(cli(*base, "--space", str(space), "--parallel", str(too_many)),
                           f"--parallel {too_many}", "CPU cores")
-    assert_one_line_error(python(*base, "--space", str(space), "--lr", "0.01"), "--lr is both a fixed flag")
-    assert_one_line_error(python(*base, "--space", str(space), "--out-dir", "x"), "--out-dir is set by the sweep")
-    assert_one_line_error(python(*base, "--space", str(space), "--epochs", "0"), "--epochs must be a positive")
-    assert_one_line_error(python(*base, "--space", str(space), "--nproc", "2"), "--nproc > 1 needs --launcher")
-    assert_one_line_error(python(*base, "--space", str(space), "--trials", "0"), "--trials must be >= 1")
-    # (more cases, in-process, in test_bad_enqueue_sweep_dir_and_sbatch_args_are_one_error_line)
+    assert_one_line_error(cli(*base, "--space", str(space), "--lr", "0.01"), "--lr is both a fixed flag")
+    assert_one_line_error(cli(*base, "--space", str(space), "--out-dir", "x"), "--out-dir is set by the sweep")
+    assert_one_line_error(cli(*base, "--space", str(space), "--epochs", "0"), "--epochs must be a positive")
+    assert_one_line_error(cli(*base, "--space", str(space), "--nproc", "2"), "--nproc > 1 needs --launcher")
+    assert_one_line_error(cli(*base, "--space", str(space), "--trials", "0"), "--trials must be >= 1")
+    # (more cases in test_bad_enqueue_sweep_dir_and_sbatch_args_are_one_error_line; a real process in
+    # test_a_trial_with_bad_input_stops_the_sweep_with_its_error_line)
     enqueue = tmp_path / "first.toml"
     enqueue.write_text("trial = 5\n")  # was a TypeError traceback
-    proc = python(*base, "--space", str(space), "--enqueue", str(enqueue))
+    proc = cli(*base, "--space", str(space), "--enqueue", str(enqueue))
     assert proc.returncode == 2 and assert_one_line_error(proc, "expected only [[trial]] tables")
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
-    proc = python(*SWEEP, "--space", str(space), "--sweep-dir", str(not_a_dir / "s"))  # was a traceback
+    proc = cli("sweep", "--space", str(space), "--sweep-dir", str(not_a_dir / "s"))  # was a traceback
     assert proc.returncode == 2 and assert_one_line_error(proc, f"--sweep-dir {not_a_dir / 's'}: cannot create it")
     # without Optuna installed: one line saying which extra to install
-    code = ("import sys; sys.modules['optuna'] = None; from mnist_dist.cli import main; "
-            f"sys.exit(main({[*SWEEP[2:], '--sweep-dir', str(tmp_path / 's'), '--space', str(space)]!r}))")
-    assert_one_line_error(python("-c", code), "needs Optuna", ".[sweep]")
+    monkeypatch.setitem(sys.modules, "optuna", None)  # `import optuna` fails, as without the extra
+    assert_one_line_error(cli("sweep", "--sweep-dir", tmp_path / "s", "--space", space), "needs Optuna",
+                          ".[sweep]")
     # nothing was started: no study, no trial directory
     assert not list((tmp_path / "s").glob("trial-*"))
 
@@ -209,11 +207,13 @@ def test_a_resumed_study_draws_new_trials_not_its_first_ones_again(tmp_path):
 
 
 @pytest.mark.slow
-def test_local_sweep_prunes_stops_on_sigterm_and_resumes(mnist_root, tmp_path):
-    """4 trials, 2 at a time. Trials 0 and 3 are short twins (40 steps), trial 1 the same learning rate
-    for 200 steps (so its accuracies equal the completed twin's and it is never pruned), trial 2 a
-    deliberately bad learning rate: pruned at its first evaluations against the median of trial 0.
-    SIGTERM once trial 0 is complete and trial 1 is past step 40; then the same command again."""
+def test_local_sweep_prunes_stops_on_sigterm_and_resumes(small_mnist, tmp_path):
+    """4 trials, 2 at a time, on the small MNIST at batch 64 (93 steps per epoch). Trials 0 and 3 are
+    short twins (40 steps), trial 1 the same learning rate for 200 steps (so its accuracies equal the
+    completed twin's and it is never pruned), trial 2 a deliberately bad learning rate: pruned at its
+    first evaluations against the median of trial 0. SIGTERM once trial 0 is complete and trial 1 is
+    past step 40 (in the first session rank 0 of every trial sleeps 0.05 s after each step, so trial 1
+    is still training then); then the same command again."""
     if usable_cpu_count() < 2:
         pytest.skip("needs 2 usable CPU cores for 2 parallel trials")
     space = tmp_path / "space.toml"
@@ -224,7 +224,8 @@ def test_local_sweep_prunes_stops_on_sigterm_and_resumes(mnist_root, tmp_path):
     sweep_dir = tmp_path / "sweep"
     cmd = [sys.executable, *SWEEP, "--space", str(space), "--trials", "4", "--parallel", "2",
            "--sweep-dir", str(sweep_dir), "--enqueue", str(enqueue), "--prune-startup", "1", "--poll", "0.5",
-           "--data-dir", str(mnist_root), "--schedule", "constant", "--eval-every", "10", *QUIET]
+           "--data-dir", str(small_mnist), "--schedule", "constant", "--eval-every", "10", "--batch-size", "64",
+           "--epochs", "3", *QUIET]
     first_log = tmp_path / "first.log"
     t1_evals = sweep_dir / "trial-0001" / "evaluations.jsonl"
     t0_info = sweep_dir / "trial-0000" / "trial.json"
@@ -233,7 +234,8 @@ def test_local_sweep_prunes_stops_on_sigterm_and_resumes(mnist_root, tmp_path):
         return (t0_info.is_file() and read_json(t0_info)["state"] == "complete" and t1_evals.is_file()
                 and max((e["global_step"] for e in read_jsonl(t1_evals)), default=0) > 40)
 
-    rc = sigterm_when_ready(cmd, child_env(), first_log, trial_0_done_and_trial_1_past_step_40,
+    rc = sigterm_when_ready(cmd, child_env(MNIST_DIST_FAULT="delay,point=step,rank=0,seconds=0.05"), first_log,
+                            trial_0_done_and_trial_1_past_step_40,
                             first_log.read_text, poll=0.5)
     out = first_log.read_text()
     assert rc == 3, out
@@ -263,8 +265,8 @@ def test_local_sweep_prunes_stops_on_sigterm_and_resumes(mnist_root, tmp_path):
     assert s1["global_step"] == 200 and trials[1].value == s1["test_accuracy"]
     # the twins 0 and 3 trained identically; trial 1 matched them up to step 40
     assert trials[0].value == trials[3].value
-    assert trials[1].intermediate_values[40 * 256] == trials[0].intermediate_values[40 * 256]
-    assert sorted(trials[0].intermediate_values) == [k * 10 * 256 for k in (1, 2, 3, 4)]  # images seen
+    assert trials[1].intermediate_values[40 * 64] == trials[0].intermediate_values[40 * 64]
+    assert sorted(trials[0].intermediate_values) == [k * 10 * 64 for k in (1, 2, 3, 4)]  # images seen
 
     # outputs: trials.csv, best.toml (a --config reproducing the best trial's config), sweep.png
     rows = (sweep_dir / "trials.csv").read_text().splitlines()
@@ -285,13 +287,13 @@ def test_local_sweep_prunes_stops_on_sigterm_and_resumes(mnist_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_launcher_and_wandb_group(mnist_root, tmp_path):
+def test_torchrun_launcher_and_wandb_group(small_mnist, tmp_path):
     """One trial of 2 ranks under torchrun; with --wandb every trial joins the group sweep-<name>."""
     space = tmp_path / "space.toml"
     space.write_text("[lr]\nchoices = [0.01]\n")
     sweep_dir = tmp_path / "tr"
     proc = ok(python(*SWEEP, "--space", str(space), "--trials", "1", "--launcher", "torchrun", "--nproc", "2",
-                     "--sweep-dir", str(sweep_dir), "--data-dir", str(mnist_root), "--max-steps", "20",
+                     "--sweep-dir", str(sweep_dir), "--data-dir", str(small_mnist), "--max-steps", "20",
                      "--wandb", "--wandb-mode", "disabled", *QUIET, timeout=400))
     assert "sweep done: 1 trials" in proc.stdout, proc.stdout
     run = sweep_dir / "trial-0000"
@@ -303,68 +305,60 @@ def test_torchrun_launcher_and_wandb_group(mnist_root, tmp_path):
 
 # ---------------------------------------------------------------- SLURM: a 2-task array
 @pytest.mark.slow
-def test_slurm_launcher_runs_a_two_task_array_stops_and_resumes(mnist_root, tmp_path):
-    """2 trials, 2 in parallel: one array job of two tasks over slurm/train.sbatch on the local
-    cluster's two nodes. SIGTERM to the sweep once both train: the tasks get SIGTERM (scancel), both
-    checkpoint; the same command again submits them again, they resume and complete."""
-    from slurm_cluster import SlurmCluster, missing_binaries
-
-    if missing_binaries():
-        pytest.skip(f"SLURM/munge not installed (missing {', '.join(missing_binaries())})")
-    if os.geteuid() != 0:
-        pytest.skip("the local SLURM cluster needs root (slurmd runs jobs as their user)")
+@on_the_cluster
+def test_slurm_launcher_runs_a_two_task_array_stops_and_resumes(cluster, small_mnist, tmp_path):
+    """2 trials, 2 in parallel: one array job of two tasks over slurm/train.sbatch on the session's
+    local cluster's two nodes. SIGTERM to the sweep once both train: the tasks get SIGTERM (scancel),
+    both checkpoint; the same command again submits them again, they resume and complete. (Small
+    MNIST at batch 64; in the first session rank 0 sleeps 0.05 s after each step, so both tasks are
+    still training when the SIGTERM comes.)"""
     space = tmp_path / "space.toml"
     space.write_text("[lr]\nchoices = [0.01, 0.02]\n")
     enqueue = tmp_path / "first.toml"
     enqueue.write_text("[[trial]]\nlr = 0.01\n\n[[trial]]\nlr = 0.02\n")
-    root = Path(tempfile.mkdtemp(prefix="mnist-dist-sweep-slurm-"))  # not pytest's 0700 tmp: munged reads it
     sweep_dir = tmp_path / "sw"
     cmd = [sys.executable, *SWEEP, "--space", str(space), "--enqueue", str(enqueue), "--trials", "2",
            "--parallel", "2", "--launcher", "slurm", "--sweep-dir", str(sweep_dir), "--no-prune", "--poll", "1",
-           "--data-dir", str(mnist_root), "--max-steps", "150", "--eval-every", "10", *QUIET]
+           "--data-dir", str(small_mnist), "--batch-size", "64", "--max-steps", "60", "--eval-every", "10", *QUIET]
 
     def task_logs() -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted((sweep_dir / "slurm").glob("*.out")))
 
-    try:
-        with SlurmCluster(root, nodes=2, cpus=2) as cluster:
-            env = cluster.env(child_env(PYTHON=sys.executable, PYTHONPATH=str(REPO)))
-            first_log = tmp_path / "first.log"
-            evals = [sweep_dir / f"trial-000{i}" / "evaluations.jsonl" for i in (0, 1)]
-            rc = sigterm_when_ready(cmd, env, first_log,
-                                    lambda: all(e.is_file() and read_jsonl(e) for e in evals),  # both train
-                                    lambda: f"{first_log.read_text()}\n{task_logs()}\n{cluster.logs()}", poll=1)
-            assert rc == 3, f"{first_log.read_text()}\n{task_logs()}"
-            jobs = [read_json(sweep_dir / f"trial-000{i}" / "trial.json")["slurm_job"] for i in (0, 1)]
-            array = jobs[0].split("_")[0]
-            assert jobs == [f"{array}_0", f"{array}_1"], jobs  # one array job, two tasks
-            for i in (0, 1):
-                run = sweep_dir / f"trial-000{i}"
-                assert read_json(run / "trial.json")["state"] == "interrupted"
-                assert list((run / "checkpoints").glob("*.pt")), task_logs()
-                log = (sweep_dir / "slurm" / f"{array}_{i}.out").read_text()
-                assert f"[sweep] array task {array}_{i}: trial dir {run}" in log
-                assert "stopped by signal SIGTERM" in log, log
-            assert states(load_study(sweep_dir, journal=True)) == {0: "RUNNING", 1: "RUNNING"}
+    env = cluster.env(child_env(PYTHON=sys.executable, PYTHONPATH=str(REPO)))
+    first_log = tmp_path / "first.log"
+    evals = [sweep_dir / f"trial-000{i}" / "evaluations.jsonl" for i in (0, 1)]
+    rc = sigterm_when_ready(cmd, {**env, "MNIST_DIST_FAULT": "delay,point=step,rank=0,seconds=0.05"}, first_log,
+                            lambda: all(e.is_file() and read_jsonl(e) for e in evals),  # both train
+                            lambda: f"{first_log.read_text()}\n{task_logs()}\n{cluster.logs()}", poll=1)
+    assert rc == 3, f"{first_log.read_text()}\n{task_logs()}"
+    jobs = [read_json(sweep_dir / f"trial-000{i}" / "trial.json")["slurm_job"] for i in (0, 1)]
+    array = jobs[0].split("_")[0]
+    assert jobs == [f"{array}_0", f"{array}_1"], jobs  # one array job, two tasks
+    for i in (0, 1):
+        run = sweep_dir / f"trial-000{i}"
+        assert read_json(run / "trial.json")["state"] == "interrupted"
+        assert list((run / "checkpoints").glob("*.pt")), task_logs()
+        log = (sweep_dir / "slurm" / f"{array}_{i}.out").read_text()
+        assert f"[sweep] array task {array}_{i}: trial dir {run}" in log
+        assert "stopped by signal SIGTERM" in log, log
+    assert states(load_study(sweep_dir, journal=True)) == {0: "RUNNING", 1: "RUNNING"}
 
-            second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
-                                    stdin=subprocess.DEVNULL)
-            assert second.returncode == 0, f"{second.stdout}\n{second.stderr}\n{task_logs()}\n{cluster.logs()}"
-        assert (sweep_dir / "study.journal").is_file() and not (sweep_dir / "study.db").exists()
-        study = load_study(sweep_dir, journal=True)
-        assert states(study) == {0: "COMPLETE", 1: "COMPLETE"}, second.stdout
-        again = [read_json(sweep_dir / f"trial-000{i}" / "trial.json")["slurm_job"] for i in (0, 1)]
-        assert again[0].split("_")[0] == again[1].split("_")[0] != array  # resubmitted together
-        for t in study.get_trials():
-            run = sweep_dir / f"trial-{t.number:04d}"
-            summary = read_json(run / "summary.json")
-            assert t.value == summary["test_accuracy"] and summary["global_step"] == 150
-            assert read_json(run / "config.json")["config"]["lr"] == t.params["lr"]
-            assert read_json(run / "trial.json")["starts"] == 2
-            log = (sweep_dir / "slurm" / f"{again[t.number]}.out").read_text()
-            assert "resumed from" in log and "training step finished with exit code 0" in log, log
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+                            stdin=subprocess.DEVNULL)
+    assert second.returncode == 0, f"{second.stdout}\n{second.stderr}\n{task_logs()}\n{cluster.logs()}"
+    assert (sweep_dir / "study.journal").is_file() and not (sweep_dir / "study.db").exists()
+    study = load_study(sweep_dir, journal=True)
+    assert states(study) == {0: "COMPLETE", 1: "COMPLETE"}, second.stdout
+    again = [read_json(sweep_dir / f"trial-000{i}" / "trial.json")["slurm_job"] for i in (0, 1)]
+    assert again[0].split("_")[0] == again[1].split("_")[0] != array  # resubmitted together
+    for t in study.get_trials():
+        run = sweep_dir / f"trial-{t.number:04d}"
+        summary = read_json(run / "summary.json")
+        assert t.value == summary["test_accuracy"] and summary["global_step"] == 60
+        assert read_json(run / "config.json")["config"]["lr"] == t.params["lr"]
+        assert read_json(run / "trial.json")["starts"] == 2
+        log = (sweep_dir / "slurm" / f"{again[t.number]}.out").read_text()
+        assert "resumed from" in log and "training step finished with exit code 0" in log, log
 
 
 def test_a_trial_with_bad_input_stops_the_sweep_with_its_error_line(tmp_path):
