@@ -21,8 +21,9 @@ from test_checkpoint import assert_bitwise_equal
 
 ray_train = pytest.importorskip("ray.train", reason="Ray Train is not installed: pip install -e '.[ray]'")
 
-# 234 steps in the one epoch of the default recipe (60,000 / 256): checkpoints at 100, 200 and 234
-FLAGS = ["--checkpoint-every", "100", *QUIET]
+# The small MNIST at batch 64: 93 steps in the one epoch, checkpoints at 30, 60, 90 and 93
+FLAGS = ["--batch-size", "64", "--checkpoint-every", "30", *QUIET]
+STEPS = 93
 # hermetic: no token file in ~/.ray, no usage reports, no 30 s drain on shutdown; patient: on a
 # busy 2-core machine starting a worker group can take longer than Ray's 60 s. (No PYTHONPATH: the
 # workers get this checkout's mnist_dist from the driver, shipped with the job.)
@@ -36,6 +37,9 @@ def ray_env(**extra: str) -> dict[str, str]:
 
 def launcher(*args: str, timeout: float = 600, env: dict[str, str] | None = None):
     return run([sys.executable, "-m", "mnist_dist", "ray", *args], timeout=timeout, env=env or ray_env())
+
+
+pytestmark = pytest.mark.xdist_group("ray")  # one local Ray cluster: all its tests on one worker
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +74,12 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def straight_ray_run(ray_cluster, mnist_root, tmp_path_factory) -> tuple[Path, Path, str]:
+def straight_ray_run(ray_cluster, small_mnist, tmp_path_factory) -> tuple[Path, Path, str]:
     """Two Ray workers, the default recipe, uninterrupted: (run dir, Ray storage, stdout)."""
     base = tmp_path_factory.mktemp("ray-straight")
     out, storage = base / "run", base / "storage"
     proc = ok(launcher("--num-workers", "2", "--address", ray_cluster, "--storage", str(storage),
-                       "--data-dir", str(mnist_root), "--out-dir", str(out), *FLAGS))
+                       "--data-dir", str(small_mnist), "--out-dir", str(out), *FLAGS))
     return out, storage, proc.stdout + proc.stderr
 
 
@@ -84,78 +88,79 @@ def test_two_ray_workers_train_to_the_target(straight_ray_run):
     out, storage, log = straight_ray_run
     summary = read_json(out / "summary.json")
     assert summary["launcher"] == "ray" and summary["world_size"] == 2
-    assert summary["test_total"] == 10000 and summary["test_accuracy"] >= 0.985, summary["test_accuracy"]
+    assert summary["test_total"] == 1000 and summary["test_accuracy"] >= 0.9, summary["test_accuracy"]
     config = read_json(out / "config.json")
-    assert config["backend"] == "gloo" and config["per_rank_batch"] == 128 and config["launcher"] == "ray"
+    assert config["backend"] == "gloo" and config["per_rank_batch"] == 32 and config["launcher"] == "ray"
     assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1]
     assert (out / "model.pt").is_file()
     assert log.count("epoch 1/1") == 1, "only rank 0 logs"
     # Ray's own record of the run: the metrics reported each epoch, our checkpoint file in its storage
     result = ray_train.Result.from_path(str(storage / "run"))
-    assert result.metrics["epoch"] == 1 and result.metrics["test_total"] == 10000
+    assert result.metrics["epoch"] == 1 and result.metrics["test_total"] == 1000
     assert result.metrics["test_correct"] == summary["test_correct"]
     reported = [metrics["global_step"] for _, metrics in result.best_checkpoints]
-    assert reported == [100, 200, 234], "every checkpoint reported; Ray keeps --keep (3) of them"
-    ray_file = Path(result.checkpoint.path) / "step-00000234.pt"
-    assert ray_file.read_bytes() == (out / "checkpoints" / "step-00000234.pt").read_bytes()
+    assert reported == [60, 90, 93], "every checkpoint reported; Ray keeps --keep (3) of them"
+    ray_file = Path(result.checkpoint.path) / "step-00000093.pt"
+    assert ray_file.read_bytes() == (out / "checkpoints" / "step-00000093.pt").read_bytes()
     assert not list((out / "checkpoints").glob(".ray-report-*")), "staging folders are removed"
 
 
-def killed_and_restarted(ray_cluster: str, mnist_root: Path, tmp_path: Path, kill_step: int,
+def killed_and_restarted(ray_cluster: str, data_root: Path, tmp_path: Path, kill_step: int,
                          poll_s: str) -> tuple[Path, str]:
     """Two Ray workers with --max-failures 1; rank 1 SIGKILLs itself after step ``kill_step`` on the
-    first attempt; Ray's controller polls every ``poll_s`` seconds. (run dir, the whole log)"""
+    first attempt, in which rank 0 sleeps 0.05 s after each step (the time a full-size step takes);
+    Ray's controller polls every ``poll_s`` seconds. (run dir, the whole log)"""
     out, storage = tmp_path / "run", tmp_path / "storage"
+    faults = f"kill,rank=1,step={kill_step},attempt=0;delay,rank=0,seconds=0.05,attempt=0"
     proc = ok(launcher("--num-workers", "2", "--address", ray_cluster, "--storage", str(storage),
-                       "--max-failures", "1", "--data-dir", str(mnist_root), "--out-dir", str(out), *FLAGS,
-                       env=ray_env(MNIST_DIST_FAULT=f"kill,rank=1,step={kill_step},attempt=0",
-                                   RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=poll_s)))
+                       "--max-failures", "1", "--data-dir", str(data_root), "--out-dir", str(out), *FLAGS,
+                       env=ray_env(MNIST_DIST_FAULT=faults, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=poll_s)))
     return out, proc.stdout + proc.stderr
 
 
 def assert_finished_as_straight(out: Path, straight: Path) -> None:
     summary = read_json(out / "summary.json")
-    assert summary["global_step"] == 234 and summary["test_total"] == 10000
+    assert summary["global_step"] == STEPS and summary["test_total"] == 1000
     assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1], "no duplicated epoch"
     assert_bitwise_equal(straight, out)
 
 
 @pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_resumes_from_its_checkpoint(straight_ray_run, ray_cluster,
-                                                                       mnist_root, tmp_path):
-    """Rank 1 SIGKILLs itself at step 190 on the first attempt: Ray restarts the worker group
-    (--max-failures 1), which resumes from Ray's checkpoint of step 100 — bitwise as straight.
+                                                                       small_mnist, tmp_path):
+    """Rank 1 SIGKILLs itself at step 88 on the first attempt: Ray restarts the worker group
+    (--max-failures 1), which resumes from Ray's checkpoint of step 60 — bitwise as straight.
 
     Ray's controller takes a reported checkpoint when it next polls the workers (every
-    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default): a kill 50 steps (~1.5 s) after the report
-    sometimes came first, and the restart then had no checkpoint (one CI failure). Here the
-    controller polls every 0.2 s (Ray Train hands its RAY_TRAIN_* settings from the driver to the
-    controller) and the kill comes 90 steps (~2.5 s at full speed) after the report."""
-    out, log = killed_and_restarted(ray_cluster, mnist_root, tmp_path, kill_step=190, poll_s="0.2")
+    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default): a kill ~1.5 s after the report sometimes
+    came first, and the restart then had no checkpoint (one CI failure). Here the controller polls
+    every 0.2 s (Ray Train hands its RAY_TRAIN_* settings from the driver to the controller) and the
+    kill comes 28 steps (~1.4 s) after the report: 7 polls."""
+    out, log = killed_and_restarted(ray_cluster, small_mnist, tmp_path, kill_step=88, poll_s="0.2")
     attempts = "\n".join(line for line in log.splitlines() if "ray: attempt" in line or "injected" in line)
-    assert "attempt 1: resuming from Ray's checkpoint" in log and "step-00000100.pt" in log, \
+    assert "attempt 1: resuming from Ray's checkpoint" in log and "step-00000060.pt" in log, \
         f"the attempts: {attempts or '(no restart logged)'}\n...\n{log[-3000:]}"
-    assert "resumed from" in log and "at epoch 1 step 100" in log
+    assert "resumed from" in log and "at epoch 1 step 60" in log
     assert_finished_as_straight(out, straight_ray_run[0])
 
 
 @pytest.mark.slow
-def test_a_checkpoint_ray_had_not_registered_is_not_lost(straight_ray_run, ray_cluster, mnist_root, tmp_path):
-    """Rank 1 SIGKILLs itself at step 202, two steps after the checkpoint of step 200 was written and
-    reported, while Ray's controller polls only every 10 s: Ray has not registered that report (its
-    newest is step 100, or none), but the restart still resumes from step 200 — the run directory's
+def test_a_checkpoint_ray_had_not_registered_is_not_lost(straight_ray_run, ray_cluster, small_mnist, tmp_path):
+    """Rank 1 SIGKILLs itself at step 62, two steps after the checkpoint of step 60 was written and
+    reported (~0.1 s earlier), while Ray's controller polls only every 4 s: Ray has not registered that report (its
+    newest is step 30, or none), but the restart still resumes from step 60 — the run directory's
     newest checkpoint, which rank 0 takes when it is newer than Ray's. (Should a poll fall in those
-    ~60 ms, Ray's own checkpoint is step 200: the same resume.)"""
-    out, log = killed_and_restarted(ray_cluster, mnist_root, tmp_path, kill_step=202, poll_s="10")
+    few ms, Ray's own checkpoint is step 60: the same resume.)"""
+    out, log = killed_and_restarted(ray_cluster, small_mnist, tmp_path, kill_step=62, poll_s="4")
     restart = [line for line in log.splitlines() if "ray: attempt 1" in line]
-    assert len(restart) == 1 and "step-00000200.pt" in restart[0], f"{restart}\n...\n{log[-3000:]}"
-    assert "at epoch 1 step 200" in log, log[-3000:]
+    assert len(restart) == 1 and "step-00000060.pt" in restart[0], f"{restart}\n...\n{log[-3000:]}"
+    assert "at epoch 1 step 60" in log, log[-3000:]
     assert_finished_as_straight(out, straight_ray_run[0])
 
 
 @pytest.mark.slow
-def test_failures_on_a_cluster_are_one_error_line(ray_cluster, mnist_root, tmp_path):
-    common = ["--address", ray_cluster, "--storage", str(tmp_path / "storage"), "--data-dir", str(mnist_root)]
+def test_failures_on_a_cluster_are_one_error_line(ray_cluster, small_mnist, tmp_path):
+    common = ["--address", ray_cluster, "--storage", str(tmp_path / "storage"), "--data-dir", str(small_mnist)]
     gpu = launcher("--num-workers", "2", "--use-gpu", *common, "--out-dir", str(tmp_path / "gpu"))
     assert_one_line_error(gpu, "--use-gpu", "needs 2 GPU (it has 0)", ray_cluster)
     assert gpu.returncode == 2
@@ -186,8 +191,9 @@ def test_failures_on_a_cluster_are_one_error_line(ray_cluster, mnist_root, tmp_p
                                     "RuntimeError: injected fault at step 3"), last["crash"]
 
 
-@pytest.mark.slow
-def test_bad_input_before_ray_starts(mnist_root, tmp_path):
+def test_bad_input_before_ray_starts(mnist_root, tmp_path, cli):
+    """In this process: the checks before Ray is started or reached; a real process for the address
+    that no Ray cluster answers (ray.init in this process would leave Ray's state behind)."""
     out = ["--data-dir", str(mnist_root), "--out-dir", str(tmp_path / "run")]
     for args, needles in (
         (["--num-workers", "0"], ["--num-workers must be at least 1, got 0"]),
@@ -195,11 +201,13 @@ def test_bad_input_before_ray_starts(mnist_root, tmp_path):
         (["--num-workers", "2", "--engine", "accelerate"], ["--engine accelerate cannot run under Ray"]),
         (["--num-workers", "2", "--device", "cuda"], ["--device cuda under Ray needs --use-gpu"]),
         (["--num-workers", "1", "--max-failures", "-2"], ["--max-failures"]),
-        (["--num-workers", "2", "--address", f"127.0.0.1:{free_port()}"], ["cannot connect to the Ray cluster"]),
     ):
-        proc = launcher(*args, *out, timeout=120)
+        proc = cli("ray", *args, *out)
         assert_one_line_error(proc, *needles)
         assert proc.returncode == 2
+    proc = launcher("--num-workers", "2", "--address", f"127.0.0.1:{free_port()}", *out, timeout=120)
+    assert_one_line_error(proc, "cannot connect to the Ray cluster")
+    assert proc.returncode == 2
     assert not (tmp_path / "run").exists(), "nothing is written before the checks pass"
 
 
