@@ -176,10 +176,36 @@ def record(fn: Callable[..., Any]) -> Callable[..., Any]:
         if os.environ.get("TORCHELASTIC_ERROR_FILE"):
             from torch.distributed.elastic.multiprocessing.errors import record as elastic_record
 
-            return elastic_record(fn)(*args, **kwargs)
+            return elastic_record(fn, atomic_error_handler())(*args, **kwargs)
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def atomic_error_handler():
+    """torch's error handler, writing the error file under a temporary name renamed when complete:
+    when ranks fail together, torchrun stops the others (SIGTERM) and then reads every failed rank's
+    file; one cut short mid-write made its agent crash with a JSONDecodeError instead of naming the
+    failed rank (seen under load)."""
+    import json
+    import time
+    import traceback
+
+    from torch.distributed.elastic.multiprocessing.errors.error_handler import ErrorHandler
+
+    class AtomicErrorHandler(ErrorHandler):
+        def record_exception(self, e: BaseException) -> None:
+            path = self._get_error_file_path()
+            if not path:
+                return super().record_exception(e)
+            data = {"message": {"message": f"{type(e).__name__}: {e}", "extraInfo": {
+                "py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))}}}
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "w") as fh:
+                json.dump(data, fh)
+            os.replace(tmp, path)
+
+    return AtomicErrorHandler()
 
 
 def mark_stopped(stop: StopTraining) -> None:
