@@ -84,6 +84,27 @@ def gpu_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def pytest_configure(config) -> None:
+    workers = getattr(config.option, "numprocesses", None)
+    if config.getoption("dist", "no") == "loadgroup" and workers and int(pytest.__version__.split(".")[0]) >= 9:
+        raise pytest.UsageError(f"pytest {pytest.__version__}: pytest-xdist's --dist loadgroup ignores the "
+                                f"xdist_group marks under pytest 9; pip install 'pytest<9' (the test extra "
+                                f"pins it), or run without workers (-n 0)")
+
+
+def pytest_collection_finish(session) -> None:
+    """Under ``--dist loadgroup`` every test of an ``xdist_group`` must carry the group in its node id
+    (that is how pytest-xdist keeps a group on one worker): if a pytest/xdist pair stops doing that,
+    the SLURM, Ray and Docker tests would start their cluster or image once per worker."""
+    if getattr(session.config.option, "loadgroup", False):
+        lost = [item.nodeid for item in session.items
+                if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+        if lost:
+            raise pytest.UsageError(f"--dist loadgroup lost the xdist_group of {len(lost)} tests (e.g. "
+                                    f"{lost[0]}): pytest {pytest.__version__} with this pytest-xdist does "
+                                    f"not group; install pytest<9 (the test extra pins it)")
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """`gpu` tests run only where CUDA is present; elsewhere they are skipped, saying why."""
     if torch.cuda.is_available():

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (QUIET, TRAIN_SCRIPT, child_env, free_port, last_json_line, ok, python, read_json,
-                      read_jsonl, torchrun)
+from conftest import (QUIET, TRAIN_SCRIPT, assert_one_line_error, child_env, free_port, last_json_line, ok, python,
+                      read_json, read_jsonl, torchrun)
 
 METRIC_KEYS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "test_correct",
                "test_total", "images_per_second", "epoch_seconds"}
@@ -96,6 +96,11 @@ def test_module_and_console_script_entry_points(small_mnist, tmp_path):
                       capture_output=True, text=True, timeout=300, env=child_env()))
     for out in (a, b):
         assert read_json(out / "summary.json")["test_total"] == 1000
+    # the console script's error path: one line and exit code 2, as train_ddp.py's
+    refused = subprocess.run([script, "--epochs", "0", "--out-dir", str(tmp_path / "c")], capture_output=True,
+                             text=True, timeout=120, env=child_env())
+    assert refused.returncode == 2
+    assert_one_line_error(refused, "--epochs must be a positive integer")
 
 
 @pytest.mark.slow
