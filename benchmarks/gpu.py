@@ -136,7 +136,9 @@ def run_job(job: Job, tmp: Path, data_dir: str, timeout: float) -> dict:
 
 def run_gpu_suite(timeout: float) -> list[dict]:
     """``pytest -m gpu`` on tests/test_gpu.py; one row per test (PASS / FAIL / SKIP and why)."""
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider",
+    # -o addopts=: one process (the suite's `-n auto` would start a worker per core, all on one GPU,
+    # and needs pytest-xdist, which a borrowed machine may not have)
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider", "-o", "addopts=",
            str(REPO / "tests" / "test_gpu.py")]
     started = time.time()
     try:
