@@ -6,7 +6,7 @@
         --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT train_ddp.py   # on each of 2 nodes
     sbatch slurm/train.sbatch                                   # SLURM, 1..N nodes
     torchrun --standalone --nproc_per_node=4 train_ddp.py --engine accelerate   # via Accelerator
-    accelerate launch --multi_gpu --num_processes 4 --num_machines 1 --mixed_precision bf16 \
+    accelerate launch --multi_gpu --num_processes 4 --num_machines 1 --mixed_precision bf16 \\
         --dynamo_backend no train_ddp.py --engine accelerate  # (either engine; works on CPU too)
 
 Flags: `python train_ddp.py --help`. Same as `mnist-dist train` / `python -m mnist_dist train`.
@@ -14,18 +14,13 @@ Flags: `python train_ddp.py --help`. Same as `mnist-dist train` / `python -m mni
 
 import sys
 
-from mnist_dist.cli import guarded, parse_train_args, record, setup_engine
-from mnist_dist.train import fit
+from mnist_dist.entry import guarded, record, run_training
 
 
 @record  # under torchrun, a failing rank's traceback is written for torchrun to report with its rank
-def main() -> None:
-    cfg = parse_train_args(sys.argv[1:])  # parse (and validate before any collective)
-    engine = setup_engine(cfg)  # set up: process group, device, precision (mnist_dist/engines/)
-    try:
-        fit(cfg, engine)  # train; ends with the ranks' last barrier
-    finally:
-        engine.teardown()  # tear down, also on error
+def main() -> int:
+    # parse -> validate -> set up (process group, device, precision) -> fit -> tear down (in finally)
+    return run_training(sys.argv[1:])
 
 
 if __name__ == "__main__":

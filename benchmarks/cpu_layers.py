@@ -1,4 +1,4 @@
-"""Why `--recipe best` uses a pool-first network in channels_last (issue 17): the seconds of one
+"""Why `--recipe best` uses a pool-first network in channels_last: the seconds of one
 training step (forward, backward, Adam) of each candidate network and layout on random batches, and
 of the 2x2 max-pool alone, on this machine's CPU threads. Figures, not a test.
 

@@ -7,7 +7,7 @@ machine each has all its cores.
 
 Everything after `--` goes to `train_ddp.py` (plus `--seed S` and, through `cpu_baseline.run_job`,
 `--out-dir ... --no-progress --no-plots --no-export`). `--goal-min`, `--goal-median` and
-`--goal-seconds` print whether the recipe meets the best recipe's goal (issue 17: every seed >= 99.6%,
+`--goal-seconds` print whether the recipe meets the best recipe's goal (every seed >= 99.6%,
 median >= 99.65%, <= 200 s of training).
 """
 

@@ -193,7 +193,7 @@ def training_flags(command: list[str], launcher_rules: bool) -> tuple[list[str],
 def check_flags(flags: list[str], sizes: list[int]) -> tuple[list[str], str | None]:
     """train_ddp.py's own parsing and checks at each world size; (problems, the --out-dir)."""
     sys.path.insert(0, str(HERE.parent))  # this checkout's mnist_dist
-    from mnist_dist.cli import parse_train_args
+    from mnist_dist.entry import parse_train_args
     from mnist_dist.errors import UserError
 
     problems, cfg = [], None

@@ -259,17 +259,6 @@ def checked_barrier(env: DistEnv, timeout_s: float) -> None:
         env.barrier()
 
 
-def network_check(env: DistEnv, timeout_s: float) -> dict[str, Any] | None:
-    """Start-up check under a launcher: a checked barrier, one small all_reduce whose sum is verified,
-    a short bandwidth probe and the socket interface (``diagnostics/network.py``). None: one process."""
-    if not env.distributed:
-        return None
-    from .diagnostics.network import probe
-
-    checked_barrier(env, timeout_s)
-    return probe(env.rank, env.world_size, env.device, env.backend or "gloo")
-
-
 # ----------------------------------------------------------------------------- collectives
 def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """In-place SUM over ranks (no-op for a plain single process)."""

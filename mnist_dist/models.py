@@ -7,6 +7,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .errors import UserError
+
 
 class SeedCNN(nn.Sequential):
     """The original notebook's network, layer for layer.
@@ -54,7 +56,7 @@ def _conv_bn(c_in: int, c_out: int, kernel: int, padding: int = 0) -> list[nn.Mo
 
 
 class BestCNN(nn.Sequential):
-    """The ``best-v1`` recipe's network (``--recipe best`` before issue 17's speed-up): three conv +
+    """The ``best-v1`` recipe's network (the previous ``--recipe best``): three conv +
     BatchNorm blocks, ~3 M multiply-adds per image. Kept so that runs trained with it still load.
 
     conv 32@5x5 -> BN -> ReLU -> pool -> conv 48@3x3 (pad 1) -> BN -> ReLU -> pool -> conv 96@3x3 ->
@@ -86,7 +88,7 @@ class PoolFirstCNN(nn.Sequential):
     channels_last and less than its ~17 s in NCHW, with 1.4x its multiply-adds
     (``benchmarks/cpu_layers.py``). Under DDP its BatchNorm layers stay per-rank, their running
     statistics averaged before evaluation; ``--sync-bn`` converts them to SyncBatchNorm on CUDA
-    (``mnist_dist.engines.prepare``).
+    (``Engine.prepare``).
     """
 
     def __init__(self, widths: tuple[int, int, int] = (32, 64, 128)) -> None:
@@ -106,6 +108,11 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "best": BestCNN,
     "best2": PoolFirstCNN,
 }
+
+
+def check_model(name: str) -> None:
+    if name not in MODELS:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
 
 
 def build_model(name: str) -> nn.Module:

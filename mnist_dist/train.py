@@ -1,80 +1,239 @@
-"""One training run from start to finish: build, resume, the epochs, the summary and the outputs.
+"""One training run from start to finish, read top to bottom: ``fit`` and the epoch it repeats.
 
-``fit(cfg, engine)`` is what ``train_ddp.py`` and ``mnist-dist train`` call on every rank, after the
-engine joined the process group. It ends with the ranks' last barrier; after it, global rank 0 writes
-the final files (the result line first, then pictures, export and tracking) while the other ranks
-may already tear down and exit. The step and the epoch are in ``loop/trainer.py``; what a
-checkpoint holds in ``checkpoint/state.py``; the run directory's files in ``outputs/``.
+``fit(cfg, engine)`` runs on every rank once the engine has joined the process group: build the
+trainer, resume, then for each epoch and step: batch -> ``train_step`` -> maybe evaluate (the
+clock's cadence) -> observers -> maybe checkpoint (the checkpoints' cadence) -> maybe stop (the stop
+signal's cadence). Every epoch ends with the exact evaluation, its record and a checkpoint. After the
+ranks' last barrier global rank 0 writes the final files while the others may already leave.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from tqdm import tqdm
 
-from . import data, faults
-from .checkpoint import files as checkpoint_files
-from .checkpoint.state import choose_resume
-from .config import TrainConfig, grad_accum_steps
-from .data.augment import build_batch_transform
-from .diagnostics.network import describe as describe_network
-from .diagnostics.watchdog import Watchdog
-from .dist import DistEnv, broadcast_object, gather_objects, network_check
-from .engines.base import Engine
-from .engines.prepare import compile_model, configure_torch, prepare_model, uses_sync_batchnorm
-from .errors import UserError
-from .loop.clock import TargetClock
-from .loop.evaluate import EvalResult
-from .loop.optim import build_optimizer, build_scheduler, planned_steps, seed_everything
-from .loop.progress import Progress
-from .loop.trainer import Trainer, log
-from .loop.warmup import warm_up
-from .models import build_model, count_parameters
-from .outputs.report import final_predictions, write_final_outputs
+from .callbacks import Callback, Callbacks
+from .checkpoint import Checkpoints
+from .config import TrainConfig
+from .console import log
+from .dist import DistEnv, broadcast_object, checked_barrier, gather_objects
+from .engines._base import Engine, uses_sync_batchnorm
+from .errors import StopTraining
+from .metrics import EvalResult, final_predictions
+from .models import count_parameters
+from .outputs.report import write_final_outputs
 from .outputs.rundir import RunDir
-from .outputs.tracking import Tracker
+from .stopping import signal_name
+from .trainer import Trainer, train_step
 
 
-def build_trainer(cfg: TrainConfig, engine: Engine) -> Trainer:
+def fit(cfg: TrainConfig, engine: Engine, callbacks: list[Callback] | None = None) -> dict[str, Any]:
+    """The run; returns summary.json's content. ``callbacks``: a launcher's own observers (Ray's)."""
     env = engine.env
-    configure_torch(cfg, env, engine.precision.name)
-    seed_everything(cfg.seed)
-    data.prepare(cfg.data_dir, env, cfg.download)
-    train_u8, train_labels = data.load_split(cfg.data_dir, train=True)
-    test_u8, test_labels = data.load_split(cfg.data_dir, train=False)
-    device = env.device
-    per_rank_batch = cfg.batch_size // env.world_size
-    if per_rank_batch > len(train_labels) // env.world_size:
-        raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set")
-    if cfg.loader == "tensor":
-        batches: Any = data.TensorBatches(
-            data.to_float(train_u8, cfg.normalize).to(device), train_labels.to(device), env,
-            per_rank_batch, cfg.seed,
-        )
-    else:
-        batches = data.LoaderBatches(cfg.data_dir, cfg.normalize, env, per_rank_batch, cfg.seed,
-                                     cfg.num_workers)
-    model = prepare_model(build_model(cfg.model), cfg, env).to(device)
-    wrapped = compile_model(engine.wrap(model), cfg)
-    if engine.unwrap(wrapped) is not model:
-        raise RuntimeError(f"engine {engine.name} does not unwrap to the model it wrapped")
-    optimizer = build_optimizer(cfg, model.parameters(), device)
-    scheduler = build_scheduler(cfg, optimizer, total_steps=planned_steps(cfg, len(batches)))
-    return Trainer(
-        cfg, env, engine, model, wrapped, optimizer, scheduler, batches,
-        data.to_float(test_u8, cfg.normalize).to(device), test_labels.to(device),
-        transform=build_batch_transform(cfg, env, per_rank_batch, len(batches)),
-        grad_accum=grad_accum_steps(cfg, env.world_size),
-        progress=Progress(clock=TargetClock(cfg.eval_every, cfg.target_accuracy)),
-    )
+    cfg.out_dir = broadcast_object(cfg.out_dir, env)  # ranks may have made different default names
+    with watch_ranks(cfg, env) as watchdog:  # a lost rank is named; stacks on SIGUSR2
+        run = RunDir(cfg.out_dir, enabled=env.is_main)
+        run.create()
+        network = check_network(cfg, env)
+        trainer = Trainer.build(cfg, engine)
+        checkpoints = Checkpoints(cfg, env)
+        resumed_from = checkpoints.resume(trainer)
+        if resumed_from:
+            run.truncate_to(trainer.position.epoch, trainer.position.global_step)
+        trainer.position.joined_at(env.world_size)
+        watchdog.watch(trainer.position)
+        meta = run_metadata(trainer, resumed_from, network)
+        run.write_config(meta)
+        observers = start_observers(cfg, trainer, meta, resumed_from, callbacks or [])
+        checkpoints.on_saved = observers.on_checkpoint
+        if any(name in os.environ for name in ("MNIST_DIST_FAULT", "MNIST_DIST_INDEX_LOG")):
+            from . import faults  # the tests' instruments
+
+            faults.install(trainer, checkpoints, observers)
+        log(env, f"run dir {cfg.out_dir}: model {cfg.model} ({meta['parameters']:,} parameters), world size "
+                 f"{env.world_size}, {env.device}, backend {env.backend or 'none'}, amp {trainer.precision.name}, "
+                 f"global batch {cfg.batch_size}")
+        trainer.warm_up(cfg.warmup_steps)  # untimed; the state put back after
+        test = None
+        with trainer.stop.installed():
+            while not trainer.finished:
+                test = train_epoch(trainer, run, checkpoints, observers)
+        test = test or trainer.evaluate()  # resumed after the last epoch
+        summary = {**build_summary(trainer, test), **observers.summary(env)}  # --profile's is a collective
+        predicted = final_predictions(test, len(trainer.test_labels), env) if cfg.plots else None
+        env.barrier()  # after the last collective: from here rank 0 works alone and the others may leave
+        watchdog.disarm()
+        if env.is_main:
+            observers.on_final_writes(trainer.position.global_step)
+            run.save_weights(trainer.model)
+            run.write_summary(summary)
+            log(env, f"done: test accuracy {test.accuracy:.2%} ({test.correct}/{test.total}) in "
+                     f"{trainer.clock.train_seconds:.1f}s of training; summary in {run.path / 'summary.json'}")
+            write_final_outputs(cfg.out_dir, cfg, trainer.model, trainer.test_labels, predicted)
+            observers.on_end(summary, meta)
+    return summary
 
 
-def gather_hostnames(env: DistEnv) -> list[str]:
-    return sorted(set(gather_objects(socket.gethostname(), env)))
+def train_epoch(trainer: Trainer, run: RunDir, checkpoints: Checkpoints, observers: Callbacks) -> EvalResult:
+    """The rest of the epoch in progress, its exact evaluation, its record and checkpoint."""
+    cfg, env, position, clock = trainer.cfg, trainer.env, trainer.position, trainer.clock
+    bar = progress_bar(trainer)
+    trainer.model.train()
+    trainer.resources.start_epoch(env.device)
+    clock.start_epoch(env.device)
+    for step, x, y in trainer.epoch_batches():
+        if trainer.finished:
+            break
+        loss = train_batch(trainer, step, x, y, run, checkpoints, observers)
+        bar.update(1)
+        if not bar.disable and (step + 1) % cfg.log_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    seconds = clock.stop_epoch(env.device)
+    bar.close()
+    checked_barrier(env, cfg.dist_timeout)  # names the ranks that did not reach the epoch's end
+    trainer.reconcile_schedule()
+    stop_if_requested(trainer, checkpoints)
+    loss, accuracy, images = trainer.sums.reduce(env)
+    test = trainer.evaluate()
+    clock.evaluated(test.accuracy, clock.total(), position.global_step)
+    run.append_evaluation(evaluation_record(trainer, test, clock.total(), "epoch"))
+    record = {"epoch": position.epoch + 1, "train_loss": loss, "train_accuracy": accuracy,
+              "test_loss": test.loss, "test_accuracy": test.accuracy, "test_correct": test.correct,
+              "test_total": test.total, "images_per_second": images / seconds if seconds > 0 else 0.0,
+              "epoch_seconds": seconds, "lr": trainer.optimizer.param_groups[0]["lr"],
+              "global_step": position.global_step, "world_size": env.world_size,
+              **trainer.resources.epoch_record(env, seconds)}  # peak memory, data wait (a collective)
+    run.append_metrics(record)
+    observers.on_epoch(record, position.global_step)
+    log(env, f"epoch {record['epoch']}/{cfg.epochs}  train_loss {loss:.4f}  train_acc {accuracy:.2%}  "
+             f"test_loss {test.loss:.4f}  test_acc {test.accuracy:.2%} ({test.correct}/{test.total})  "
+             f"{record['images_per_second']:,.0f} img/s  {seconds:.1f}s")
+    trainer.end_epoch()
+    checkpoints.save(trainer, metrics=record)
+    return test
+
+
+def train_batch(trainer: Trainer, step: int, x: torch.Tensor, y: torch.Tensor, run: RunDir,
+                checkpoints: Checkpoints, observers: Callbacks) -> torch.Tensor:
+    """One batch: the step, then whatever is due after it. No host sync unless something due needs
+    one (an evaluation, wandb, a checkpoint)."""
+    cfg, position, clock = trainer.cfg, trainer.position, trainer.clock
+    loss = train_step(trainer, x, y)
+    position.step_in_epoch = step + 1
+    if clock.evaluation_due(position.global_step):  # every --eval-every steps, the clock paused
+        result, seconds = clock.paused_for(trainer.evaluate, trainer.env.device, position.global_step)
+        run.append_evaluation(evaluation_record(trainer, result, seconds, "step"))
+    observers.on_step(position.global_step, loss, trainer.optimizer)
+    if checkpoints.due(position.global_step):
+        checkpoints.save(trainer)
+    if position.global_step % cfg.stop_check_every == 0:  # on CUDA: acts on the previous check's values
+        trainer.reconcile_schedule(at_once=False)
+        stop_if_requested(trainer, checkpoints, at_once=False)
+    return loss
+
+
+def stop_if_requested(trainer: Trainer, checkpoints: Checkpoints, at_once: bool = True) -> None:
+    """When any rank got a stop signal (the ranks agree: a collective): checkpoint, say how to
+    continue, and stop every rank at the same step (exit code 3)."""
+    signum = trainer.stop.agreed(trainer.env, at_once)
+    if not signum:
+        return
+    path = checkpoints.save(trainer)
+    p = trainer.position
+    log(trainer.env, f"stopped by signal {signal_name(signum)} at epoch {p.epoch + 1} step {p.step_in_epoch} "
+                     f"(global step {p.global_step}); checkpoint {path}; continue with --resume auto "
+                     f"--out-dir {trainer.cfg.out_dir}")
+    raise StopTraining(signum, path)
+
+
+def evaluation_record(trainer: Trainer, result: EvalResult, train_seconds: float, kind: str) -> dict[str, Any]:
+    """A line of evaluations.jsonl: every exact evaluation, mid-epoch ("step") or at an epoch end
+    ("epoch"), by global step; a sweep's pruner reads it while the run trains."""
+    p = trainer.position
+    return {"global_step": p.global_step, "epoch": p.epoch + 1, "images_seen": p.global_step * trainer.cfg.batch_size,
+            "kind": kind, "test_accuracy": result.accuracy, "test_loss": result.loss,
+            "test_correct": result.correct, "train_seconds": train_seconds}
+
+
+# ----------------------------------------------------------------------------- around the loop
+def progress_bar(trainer: Trainer) -> tqdm:
+    """tqdm on rank 0 when stderr is a terminal (``--no-progress`` turns it off; a disabled bar does
+    nothing): the epoch's remaining steps, the loss every ``--log-every`` steps (one host sync each)."""
+    cfg, p = trainer.cfg, trainer.position
+    shown = trainer.env.is_main and cfg.progress and sys.stderr.isatty()
+    return tqdm(total=len(trainer.batches) - p.step_in_epoch, desc=f"epoch {p.epoch + 1}/{cfg.epochs}",
+                leave=False, dynamic_ncols=True, disable=not shown)
+
+
+def watch_ranks(cfg: TrainConfig, env: DistEnv):
+    """Under a process group the watchdog (a lost rank is named, stalls are dumped); in one process
+    only the stack dumps on SIGUSR2."""
+    if env.distributed:
+        from .diagnostics.watchdog import Watchdog
+
+        return Watchdog.start(cfg, env)
+    from .diagnostics.dumps import StackDumps
+
+    return StackDumps.start(cfg.out_dir, env.rank)
+
+
+def check_network(cfg: TrainConfig, env: DistEnv) -> dict[str, Any] | None:
+    """The start-up network check under a launcher (all_reduce, bandwidth, interface), logged."""
+    if cfg.skip_network_check:
+        return {"skipped": True}
+    if not env.distributed:
+        return None
+    from .diagnostics.network import describe, network_check
+
+    network = network_check(env, cfg.dist_timeout)
+    log(env, describe(network))
+    return network
+
+
+def start_observers(cfg: TrainConfig, trainer: Trainer, meta: dict[str, Any], resumed_from: str | None,
+                    extra: list[Callback]) -> Callbacks:
+    """The observers the flags ask for (none by default), then the launcher's."""
+    observers = Callbacks()
+    if cfg.wandb:
+        from .outputs.tracking import Tracker
+
+        tracker = Tracker.start(cfg, trainer.env, meta, cfg.out_dir, resume_id=trainer.position.tracker_run_id)
+        trainer.position.tracker_run_id = tracker.run_id
+        observers.add(tracker)
+    if cfg.profile:
+        from .diagnostics.profile import StepProfiler
+
+        observers.add(StepProfiler(cfg, trainer))
+    if cfg.tensorboard and trainer.env.is_main:
+        from .outputs.tensorboard import TensorBoard
+
+        purge = trainer.position.global_step + 1 if resumed_from else None
+        observers.add(TensorBoard.start(cfg, meta, purge_step=purge))
+    for callback in extra:
+        observers.add(callback)
+    return observers
+
+
+def run_metadata(trainer: Trainer, resumed_from: str | None, network: dict[str, Any] | None) -> dict[str, Any]:
+    """config.json's content. A collective (the hostnames): every rank calls it."""
+    cfg, env = trainer.cfg, trainer.env
+    return {
+        "config": cfg.to_json(), "world_size": env.world_size, "launcher": env.launcher,
+        "per_rank_batch": cfg.batch_size // env.world_size, "grad_accum_steps": trainer.grad_accum,
+        "micro_batch": cfg.batch_size // env.world_size // trainer.grad_accum,
+        "steps_per_epoch": len(trainer.batches), "backend": env.backend, "device": str(env.device),
+        "amp": trainer.precision.name, "parameters": count_parameters(trainer.model),
+        "torch_version": torch.__version__, "torchvision_version": package_version("torchvision"),
+        "cuda_version": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+        "hostnames": sorted(set(gather_objects(socket.gethostname(), env))),
+        "python": sys.version.split()[0], "resumed_from": resumed_from, "network": network,
+    }
 
 
 def package_version(name: str) -> str | None:
@@ -85,172 +244,19 @@ def package_version(name: str) -> str | None:
         return None
 
 
-def run_metadata(trainer: Trainer) -> dict[str, Any]:
-    """config.json's content. A collective (hostnames): every rank calls it."""
-    cfg, env = trainer.cfg, trainer.env
-    return {
-        "config": cfg.to_json(),
-        "world_size": env.world_size,
-        "launcher": env.launcher,
-        "per_rank_batch": cfg.batch_size // env.world_size,
-        "grad_accum_steps": trainer.grad_accum,
-        "micro_batch": cfg.batch_size // env.world_size // trainer.grad_accum,
-        "steps_per_epoch": len(trainer.batches),
-        "backend": env.backend,
-        "device": str(env.device),
-        "amp": trainer.precision.name,
-        "parameters": count_parameters(trainer.model),
-        "torch_version": torch.__version__,
-        "torchvision_version": package_version("torchvision"),
-        "cuda_version": torch.version.cuda,
-        "cuda_available": torch.cuda.is_available(),
-        "hostnames": gather_hostnames(env),
-        "python": sys.version.split()[0],
-    }
-
-
-def fit(cfg: TrainConfig, engine: Engine,
-        on_checkpoint: Callable[[str | None, dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """``on_checkpoint``: see ``Trainer.on_checkpoint`` (a launcher that keeps checkpoints itself)."""
-    cfg.out_dir = broadcast_object(cfg.out_dir, engine.env)  # ranks may have made different default names
-    with Watchdog.start(cfg, engine.env) as watchdog:  # a lost rank is named (diagnostics/watchdog.py)
-        return _fit(cfg, engine, watchdog, on_checkpoint)
-
-
-def _fit(cfg: TrainConfig, engine: Engine, watchdog: Watchdog,
-         on_checkpoint: Callable[[str | None, dict[str, Any]], None] | None) -> dict[str, Any]:
-    env = engine.env
-    run = RunDir(cfg.out_dir, enabled=env.is_main)
-    run.create()
-    network = {"skipped": True} if cfg.skip_network_check else network_check(env, cfg.dist_timeout)
-    if network and not network.get("skipped"):
-        log(env, describe_network(network))
-    trainer = build_trainer(cfg, engine)
-    trainer.on_checkpoint = on_checkpoint
-    watchdog.watch(trainer.progress)
-    resume_from = resume(trainer, run)
-    p = trainer.progress
-    p.joined_at(env.world_size)
-    meta = run_metadata(trainer)
-    meta["resumed_from"] = resume_from
-    meta["network"] = network
-    run.write_config(meta)
-    trainer.tracker = Tracker.start(cfg, env, meta, cfg.out_dir, resume_id=p.tracker_run_id)
-    p.tracker_run_id = trainer.tracker.run_id
-    trainer.monitor.start(cfg, trainer, meta, resumed=resume_from is not None)  # --profile, --tensorboard
-    log(env, f"run dir {cfg.out_dir}: model {cfg.model} ({meta['parameters']:,} parameters), "
-             f"world size {env.world_size}, {env.device}, backend {env.backend or 'none'}, "
-             f"amp {trainer.precision.name}, global batch {cfg.batch_size}")
-    show_progress = env.is_main and cfg.progress and sys.stderr.isatty()
-    warmup_seconds = warm_up(trainer, cfg.warmup_steps)  # untimed; state restored after
-
-    trainer.on_evaluation = run.append_evaluation
-    trainer.stop.install()
-    try:
-        test = train_epochs(trainer, run, show_progress)
-    finally:
-        trainer.stop.restore()
-
-    summary = build_summary(trainer, test, warmup_seconds)
-    summary.update(trainer.monitor.summary(env))  # --profile's per-step breakdown (a collective)
-    predicted = final_predictions(test, len(trainer.test_labels), env) if cfg.plots else None
-    env.barrier()  # after the last collective: from here rank 0 works alone and the others may leave
-    watchdog.disarm()
-    if env.is_main:
-        faults.maybe_fail("epilogue", p.global_step)
-        run.save_weights(trainer.model)
-        run.write_summary(summary)
-        log(env, f"done: test accuracy {test.accuracy:.2%} ({test.correct}/{test.total}) in "
-                 f"{p.train_seconds:.1f}s of training; summary in {run.path / 'summary.json'}")
-        write_final_outputs(cfg.out_dir, cfg, trainer.model, trainer.test_labels, predicted)
-        trainer.monitor.finish(summary, meta)  # --tensorboard: hparams and pictures
-        trainer.tracker.finish(summary, cfg.out_dir)
-    return summary
-
-
-def resume(trainer: Trainer, run: RunDir) -> str | None:
-    """``--resume``: the checkpoint rank 0 chose, restored on every rank (None: a fresh start)."""
-    cfg, env, p = trainer.cfg, trainer.env, trainer.progress
-    resume_from = choose_resume(cfg, env)
-    if resume_from:
-        # Only global rank 0 reads the file and broadcasts it: the other ranks need no filesystem in
-        # common with it. To the CPU first; load_state_dict places every tensor (never
-        # map_location=<cuda>: see restore).
-        state = checkpoint_files.load(resume_from, map_location="cpu") if env.is_main else None
-        note = trainer.restore(broadcast_object(state, env), resume_from)
-        run.truncate_metrics(after_epoch=p.epoch)
-        run.truncate_evaluations(after_step=p.global_step)
-        log(env, f"resumed from {resume_from} at epoch {p.epoch + 1} step {p.step_in_epoch} "
-                 f"(global step {p.global_step}){'; ' + note if note else ''}")
-    elif cfg.resume == "auto":
-        log(env, f"no checkpoint in {cfg.out_dir}/checkpoints: starting fresh")
-    return resume_from
-
-
-def train_epochs(trainer: Trainer, run: RunDir, show_progress: bool) -> EvalResult:
-    """The epochs that remain: train, evaluate, record, checkpoint. Returns the final evaluation."""
-    cfg, env, p = trainer.cfg, trainer.env, trainer.progress
-    test: EvalResult | None = None
-    while p.epoch < cfg.epochs and not trainer.finished:
-        epoch = p.epoch
-        loss, accuracy, images, seconds = trainer.train_epoch(show_progress)
-        test = trainer.evaluate()
-        p.clock.epoch_evaluated(test.accuracy, p.train_seconds + seconds, p.global_step)
-        trainer.record_evaluation(test, p.train_seconds + seconds, "epoch")
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": loss,
-            "train_accuracy": accuracy,
-            "test_loss": test.loss,
-            "test_accuracy": test.accuracy,
-            "test_correct": test.correct,
-            "test_total": test.total,
-            "images_per_second": images / seconds if seconds > 0 else 0.0,
-            "epoch_seconds": seconds,
-            "lr": trainer.optimizer.param_groups[0]["lr"],
-            "global_step": p.global_step,
-            "world_size": env.world_size,
-        }
-        record.update(trainer.monitor.epoch_record(env, seconds))  # peak memory, data wait (a collective)
-        run.append_metrics(record)
-        trainer.tracker.log_epoch(record, p.global_step)
-        trainer.monitor.log_epoch(record, p.global_step)
-        log(env, f"epoch {epoch + 1}/{cfg.epochs}  train_loss {loss:.4f}  train_acc {accuracy:.2%}  "
-                 f"test_loss {test.loss:.4f}  test_acc {test.accuracy:.2%} "
-                 f"({test.correct}/{test.total})  {record['images_per_second']:,.0f} img/s  "
-                 f"{seconds:.1f}s")
-        trainer.end_epoch(seconds)
-        trainer.save_checkpoint(record)
-    return test if test is not None else trainer.evaluate()  # resumed after the last epoch
-
-
-def build_summary(trainer: Trainer, test: EvalResult, warmup_seconds: float) -> dict[str, Any]:
+def build_summary(trainer: Trainer, test: EvalResult) -> dict[str, Any]:
     """summary.json: the final exact evaluation, where the run ended, time to target, speed settings."""
-    cfg, p, scaler = trainer.cfg, trainer.progress, trainer.precision.scaler
+    cfg, p, scaler = trainer.cfg, trainer.position, trainer.precision.scaler
     return {
-        "test_accuracy": test.accuracy,
-        "test_correct": test.correct,
-        "test_total": test.total,
-        "test_loss": test.loss,
-        "world_size": trainer.env.world_size,
-        "launcher": trainer.env.launcher,
+        "test_accuracy": test.accuracy, "test_correct": test.correct, "test_total": test.total,
+        "test_loss": test.loss, "world_size": trainer.env.world_size, "launcher": trainer.env.launcher,
         "world_sizes": p.world_sizes,  # every world size the run went through (elastic restarts)
-        "grad_accum_steps": trainer.grad_accum,
-        "train_seconds": p.train_seconds,
-        "epochs": p.epoch,
-        "global_step": p.global_step,
-        "model": cfg.model,
-        "recipe": cfg.recipe,
-        "per_class_accuracy": test.class_accuracy,
-        "per_class_correct": test.class_correct,
-        "per_class_total": test.class_total,
-        **p.clock.summary(),
-        "warmup_seconds": warmup_seconds,
-        "amp": trainer.precision.name,
-        "grad_scaler_enabled": scaler.is_enabled(),
+        "grad_accum_steps": trainer.grad_accum, "epochs": p.epoch, "global_step": p.global_step,
+        "model": cfg.model, "recipe": cfg.recipe, "per_class_accuracy": test.class_accuracy,
+        "per_class_correct": test.class_correct, "per_class_total": test.class_total,
+        **trainer.clock.summary(),
+        "amp": trainer.precision.name, "grad_scaler_enabled": scaler.is_enabled(),
         "grad_scale": float(scaler.get_scale()) if scaler.is_enabled() else None,
-        "compile": cfg.compile,
-        "compile_mode": cfg.compile_mode if cfg.compile else None,
-        "channels_last": cfg.channels_last,
-        "sync_batchnorm": uses_sync_batchnorm(trainer.model),
+        "compile": cfg.compile, "compile_mode": cfg.compile_mode if cfg.compile else None,
+        "channels_last": cfg.channels_last, "sync_batchnorm": uses_sync_batchnorm(trainer.model),
     }

@@ -199,7 +199,7 @@ def make_small_mnist(root: Path, real: Path, n_train: int = SMALL_TRAIN, n_test:
     """The first ``n_train`` / ``n_test`` images of the real MNIST as IDX files (ROOT/MNIST/raw): real
     digits, so a short run still learns (~90% in a few dozen steps), at a tenth of the epoch's cost.
     Training on it needs $MNIST_DIST_ALLOW_SUBSET=1 (``child_env`` sets it)."""
-    from mnist_dist import data
+    from mnist_dist.data import mnist as data
 
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
@@ -353,7 +353,7 @@ def isolated():
         faults._specs.cache_clear()
         if "accelerate.state" in sys.modules:  # accelerate keeps its Accelerator's state in a singleton
             sys.modules["accelerate.state"].AcceleratorState._reset_state(reset_partial_state=True)
-        gc.unfreeze()  # cli.guarded freezes the heap for a fast interpreter exit
+        gc.unfreeze()  # entry.guarded freezes the heap for a fast interpreter exit
         lingering = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()
                      and not t.daemon]
         assert not left_group, "the command left a process group behind"

@@ -68,7 +68,7 @@ def test_failed_download_is_one_clear_error(tmp_path, monkeypatch):
     """A real download attempt against a closed local port (no network needed or used)."""
     from torchvision.datasets import MNIST
 
-    from mnist_dist import data
+    from mnist_dist.data import mnist as data
     from mnist_dist.errors import UserError
 
     monkeypatch.setattr(MNIST, "mirrors", ["http://127.0.0.1:9/"])

@@ -149,7 +149,7 @@ def test_explicit_bad_checkpoint_is_one_clear_error(straight_run, small_mnist, t
 
 def test_mid_epoch_checkpoint_resumes_at_another_world_size_but_not_with_other_flags(
         straight_run, small_mnist, tmp_path, cli):
-    """Issue 14: the data position is world-size free, so a 2-rank mid-epoch checkpoint resumes in
+    """The data position is world-size free, so a 2-rank mid-epoch checkpoint resumes in
     one process (it used to be refused); the flags that shape the math still must not change."""
     mid = straight_run / "checkpoints" / "step-00000025.pt"
     resumed = ok(cli(*train_flags(small_mnist, tmp_path / "run", "--resume", str(mid))[1:]))

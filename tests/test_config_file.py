@@ -9,7 +9,7 @@ import pytest
 
 from conftest import QUIET, REPO, TRAIN_SCRIPT, assert_one_line_error, python, read_json, read_jsonl
 
-from mnist_dist.cli import parse_train_args
+from mnist_dist.entry import parse_train_args
 from mnist_dist.errors import UserError
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import pytest
 
-from mnist_dist import data
+from mnist_dist.data import batches, loader
+from mnist_dist.data import mnist as data
 from mnist_dist.dist import DistEnv
 from mnist_dist.errors import UserError
 
@@ -19,7 +20,7 @@ def env(rank: int, world: int) -> DistEnv:
 @pytest.mark.parametrize("world", [1, 2, 3, 7])
 def test_train_shards_are_disjoint_and_cover_the_epoch(world):
     n = 1000
-    shards = [data.rank_indices(n, env(r, world), seed=5, epoch=0) for r in range(world)]
+    shards = [batches.rank_indices(n, env(r, world), seed=5, epoch=0) for r in range(world)]
     sizes = {len(s) for s in shards}
     assert sizes == {n // world}, "drop_last: every rank gets the same number of samples"
     union = torch.cat(shards)
@@ -29,10 +30,10 @@ def test_train_shards_are_disjoint_and_cover_the_epoch(world):
 
 def test_set_epoch_changes_order_and_seed_repeats_it():
     e = env(0, 2)
-    a0 = data.rank_indices(600, e, seed=1, epoch=0)
-    a1 = data.rank_indices(600, e, seed=1, epoch=1)
-    again = data.rank_indices(600, e, seed=1, epoch=0)
-    other_seed = data.rank_indices(600, e, seed=2, epoch=0)
+    a0 = batches.rank_indices(600, e, seed=1, epoch=0)
+    a1 = batches.rank_indices(600, e, seed=1, epoch=1)
+    again = batches.rank_indices(600, e, seed=1, epoch=0)
+    other_seed = batches.rank_indices(600, e, seed=2, epoch=0)
     assert not torch.equal(a0, a1)
     assert torch.equal(a0, again)
     assert not torch.equal(a0, other_seed)
@@ -43,7 +44,7 @@ def test_eval_shards_are_exact(world):
     n = 10000
     covered = []
     for r in range(world):
-        s = data.eval_shard(n, r, world)
+        s = batches.eval_shard(n, r, world)
         covered.extend(range(n)[s])
     assert covered == list(range(n)), "contiguous, disjoint, no padding, no duplicates"
 
@@ -51,8 +52,8 @@ def test_eval_shards_are_exact(world):
 def test_rank_batches_union_is_the_single_rank_batch():
     """N ranks x B/N see, step by step, exactly the samples one rank x B sees (DDP equivalence)."""
     n, B = 1200, 60
-    single = data.rank_indices(n, env(0, 1), seed=3, epoch=2)
-    per_rank = [data.rank_indices(n, env(r, 2), seed=3, epoch=2) for r in range(2)]
+    single = batches.rank_indices(n, env(0, 1), seed=3, epoch=2)
+    per_rank = [batches.rank_indices(n, env(r, 2), seed=3, epoch=2) for r in range(2)]
     for step in range(n // B):
         one = set(single[step * B:(step + 1) * B].tolist())
         two = set(per_rank[0][step * B // 2:(step + 1) * B // 2].tolist()) | set(
@@ -66,8 +67,8 @@ def test_both_loaders_give_identical_batches(tmp_path):
     for normalize in (True, False):
         for rank in range(2):
             e = env(rank, 2)
-            tensor_path = data.TensorBatches(data.to_float(images, normalize), labels, e, 16, seed=7)
-            loader_path = data.LoaderBatches(str(root), normalize, e, 16, seed=7, num_workers=0)
+            tensor_path = batches.TensorBatches(data.to_float(images, normalize), labels, e, 16, seed=7)
+            loader_path = loader.LoaderBatches(str(root), normalize, e, 16, seed=7, num_workers=0)
             assert len(tensor_path) == len(loader_path) == 150 // 16
             for epoch in (0, 1):
                 pairs = list(zip(tensor_path.epoch(epoch), loader_path.epoch(epoch), strict=True))
@@ -87,8 +88,8 @@ def test_dataloader_workers_give_the_same_batches(tmp_path):
     root = make_fake_mnist(tmp_path, n_train=200, n_test=20)
     images, labels = data.load_split(str(root), train=True)
     e = env(1, 2)
-    tensor_path = data.TensorBatches(data.to_float(images, True), labels, e, 10, seed=0)
-    loader_path = data.LoaderBatches(str(root), True, e, 10, seed=0, num_workers=2)
+    tensor_path = batches.TensorBatches(data.to_float(images, True), labels, e, 10, seed=0)
+    loader_path = loader.LoaderBatches(str(root), True, e, 10, seed=0, num_workers=2)
     for (xa, ya), (xb, yb) in zip(tensor_path.epoch(3), loader_path.epoch(3), strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 

@@ -1,4 +1,4 @@
-"""Diagnosability (issue 15): a stuck or missing rank is named, stacks on demand, the start-up network
+"""Diagnosability: a stuck or missing rank is named, stacks on demand, the start-up network
 check, --profile, --tensorboard, and each epoch's memory and data-wait split.
 
 Real torchrun processes and real signals: SIGSTOP freezes a rank exactly as a hung host would (its

@@ -1,4 +1,4 @@
-"""Issue 14, elastic training: mid-epoch resume at any world size, gradient accumulation, scale-down
+"""Elastic training: mid-epoch resume at any world size, gradient accumulation, scale-down
 without stopping, resume without a shared filesystem, checkpoint format versions. Real torchrun
 agents, real gloo, real kills."""
 
@@ -57,22 +57,25 @@ COUNT_ALL_REDUCES = textwrap.dedent("""
     # Under torchrun: count DDP's gradient all_reduces (a comm hook) over a few optimizer steps.
     import json, sys
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-    from mnist_dist.cli import parse_train_args, setup_engine
-    from mnist_dist.loop.evaluate import TrainSums
-    from mnist_dist.train import build_trainer
+    from mnist_dist.callbacks import Callbacks
+    from mnist_dist.checkpoint import Checkpoints
+    from mnist_dist.entry import parse_train_args, setup_engine
+    from mnist_dist.outputs.rundir import RunDir
+    from mnist_dist.train import train_epoch
+    from mnist_dist.trainer import Trainer
 
     cfg = parse_train_args(sys.argv[1:])
     engine = setup_engine(cfg)
     try:
-        trainer = build_trainer(cfg, engine)
+        trainer = Trainer.build(cfg, engine)
         count = [0]
         def counting_hook(state, bucket):
             count[0] += 1
             return allreduce_hook(state, bucket)
         trainer.wrapped.register_comm_hook(None, counting_hook)
-        trainer.train_epoch()
+        train_epoch(trainer, RunDir(cfg.out_dir, enabled=False), Checkpoints(cfg, engine.env), Callbacks())
         if engine.env.is_main:
-            print(json.dumps({"all_reduces": count[0], "steps": trainer.progress.global_step,
+            print(json.dumps({"all_reduces": count[0], "steps": trainer.position.global_step,
                               "grad_accum": trainer.grad_accum, "engine": engine.name}))
         engine.env.barrier()
     finally:

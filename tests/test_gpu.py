@@ -50,7 +50,7 @@ def test_mixed_precision_trains_to_99(mnist_root, tmp_path, amp):
 
 
 def test_auto_precision_is_native_bf16_else_fp16():
-    from mnist_dist.engines.base import resolve_precision
+    from mnist_dist.engines._base import resolve_precision
 
     native = torch.cuda.is_bf16_supported(including_emulation=False)
     assert resolve_precision("auto", torch.device("cuda", 0)).name == ("bf16" if native else "fp16")
@@ -69,19 +69,22 @@ def test_fp16_resumes_a_bf16_checkpoint(mnist_root, tmp_path):
 
 # ----------------------------------------------------------------------------- no host sync in the step
 SYNC_PROBE = textwrap.dedent("""
-    # 20 training batches through the real loop body under torch.cuda.set_sync_debug_mode("error"),
-    # after the warm-up, optionally after a resume; prints one JSON line.
-    import json, sys, time, torch
-    from mnist_dist.cli import parse_train_args, setup_engine
-    from mnist_dist.loop.evaluate import TrainSums
-    from mnist_dist.loop.warmup import warm_up
+    # 20 training batches through the real loop body (train.train_batch) under
+    # torch.cuda.set_sync_debug_mode("error"), after the warm-up, optionally after a resume; prints one
+    # JSON line.
+    import json, sys, torch
+    from mnist_dist.callbacks import Callbacks
+    from mnist_dist.checkpoint import Checkpoints
+    from mnist_dist.entry import parse_train_args, setup_engine
     from mnist_dist.outputs.rundir import RunDir
-    from mnist_dist.train import build_trainer, resume
+    from mnist_dist.train import train_batch
+    from mnist_dist.trainer import Trainer
 
     cfg = parse_train_args(sys.argv[1:])
     engine = setup_engine(cfg)
-    trainer = build_trainer(cfg, engine)
-    resumed = resume(trainer, RunDir(cfg.out_dir, enabled=False))
+    trainer = Trainer.build(cfg, engine)
+    checkpoints = Checkpoints(cfg, engine.env)
+    resumed = checkpoints.resume(trainer)
     # Adam's step counts: on the CPU (plain Adam reads them with .item() each step), or on the
     # parameter's GPU for the fused / capturable kernels that read them there
     groups = {id(q): g for g in trainer.optimizer.param_groups for q in g["params"]}
@@ -89,20 +92,20 @@ SYNC_PROBE = textwrap.dedent("""
         s["step"].device == (q.device if groups[id(q)].get("fused") or groups[id(q)].get("capturable")
                              else torch.device("cpu"))
         for q, s in trainer.optimizer.state.items())
-    warm_up(trainer, 5)
-    p = trainer.progress
-    p.sums, trainer.epoch_started = TrainSums(engine.env.device), time.perf_counter()
-    batches = trainer.batches.epoch(p.epoch, p.step_in_epoch)  # the epoch's order goes to the device here
+    trainer.warm_up(5)
+    trainer.model.train()
+    trainer.clock.start_epoch(engine.env.device)
+    batches = trainer.epoch_batches()  # the epoch's order goes to the device with the first batch
     first = next(batches)
     if trainer.transform is not None:
-        trainer.transform.epoch_params(p.epoch)  # one draw per epoch, outside the steps
+        trainer.transform.epoch_params(trainer.position.epoch)  # one draw per epoch, outside the steps
     torch.cuda.synchronize()
     result = {"sync_free": True, "why": "", "resumed": resumed, "optimizer_steps_placed": steps_placed}
+    run, observers = RunDir(cfg.out_dir, enabled=False), Callbacks()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        step = p.step_in_epoch
-        for i, (x, y) in enumerate([first, *(next(batches) for _ in range(19))]):
-            trainer.train_batch(x, y, p.epoch, step + i)
+        for step, x, y in [first, *(next(batches) for _ in range(19))]:
+            train_batch(trainer, step, x, y, run, checkpoints, observers)
     except RuntimeError as exc:
         result.update(sync_free=False, why=" ".join(str(exc).split())[:300])
     finally:

@@ -1,4 +1,4 @@
-"""Issue 12, the parts the CPU can show: the defects a first GPU run would hit, each with a test that
+"""GPU readiness, the parts the CPU can show: the defects a first GPU run would hit, each with a test that
 fails without its fix (the CUDA-only parts are in test_gpu.py, marked `gpu`)."""
 
 from __future__ import annotations
@@ -13,16 +13,17 @@ from conftest import (QUIET, TRAIN_SCRIPT, assert_one_line_error, child_env, las
                       read_json, torchrun)
 from test_outputs_extra import check_export
 
-from mnist_dist.checkpoint import files as checkpoint_files
-from mnist_dist.checkpoint.state import restore_scaler
-from mnist_dist.cli import parse_train_args
+from mnist_dist import checkpoint as checkpoint_files
+from mnist_dist.callbacks import Callbacks
+from mnist_dist.checkpoint import Checkpoints
+from mnist_dist.entry import parse_train_args
 from mnist_dist.config import resolve_config
 from mnist_dist.dist import DistEnv
-from mnist_dist.engines.base import Precision
+from mnist_dist.engines._base import Precision, restore_scaler
 from mnist_dist.engines.ddp import DDPEngine
-from mnist_dist.engines.prepare import configure_torch
 from mnist_dist.outputs.rundir import RunDir
-from mnist_dist.train import build_trainer, resume
+from mnist_dist.train import train_epoch
+from mnist_dist.trainer import Trainer
 
 CPU = torch.device("cpu")
 
@@ -72,8 +73,8 @@ def test_resumed_optimizer_step_counts_stay_on_the_cpu(small_mnist, tmp_path, cl
     cfg = parse_train_args(["--data-dir", str(small_mnist), "--out-dir", str(out), "--resume", "auto",
                             "--max-steps", "12", *QUIET], world_size=1)
     engine = DDPEngine.setup(cfg)
-    trainer = build_trainer(cfg, engine)
-    assert resume(trainer, RunDir(out, enabled=True)) is not None
+    trainer = Trainer.build(cfg, engine)
+    assert Checkpoints(cfg, engine.env).resume(trainer) is not None
     steps = [s["step"] for s in trainer.optimizer.state.values()]
     assert len(steps) == len(list(trainer.model.parameters()))
     assert all(torch.is_tensor(t) and t.device.type == "cpu" and int(t) == 12 for t in steps)
@@ -161,7 +162,7 @@ def test_skipped_fp16_steps_are_taken_back_from_the_schedule(small_mnist, tmp_pa
                            world_size=1)
     env = DistEnv(0, 0, 1, 1, CPU, None)
     engine = DDPEngine(cfg, env, ScalerWithoutAutocast("fp16", CPU, torch.amp.GradScaler("cpu", enabled=True)))
-    trainer = build_trainer(cfg, engine)
+    trainer = Trainer.build(cfg, engine)
     calls = {"n": 0}
 
     def poison(module, inputs, output):
@@ -169,10 +170,9 @@ def test_skipped_fp16_steps_are_taken_back_from_the_schedule(small_mnist, tmp_pa
         return output * float("inf") if calls["n"] in (2, 3, 13) else output
 
     trainer.model.register_forward_hook(poison)
-    trainer.train_epoch()
-    trainer.end_epoch(0.0)
-    trainer.train_epoch()
-    assert trainer.progress.global_step == 25
+    for _ in range(2):  # the loop's own epochs (a checkpoint at each end, no run files)
+        train_epoch(trainer, RunDir(cfg.out_dir, enabled=False), Checkpoints(cfg, env), Callbacks())
+    assert trainer.position.global_step == 25
     assert int(engine.skipped_steps) == 3 and trainer.rewound == 3
     assert trainer.scheduler.last_epoch == 22, "the schedule counts the 22 steps really taken"
     reference = torch.optim.lr_scheduler.OneCycleLR(
@@ -188,7 +188,8 @@ def test_skipped_fp16_steps_are_taken_back_from_the_schedule(small_mnist, tmp_pa
 def test_inductor_compile_workers_are_shared_between_local_ranks(monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
     cfg = resolve_config("fast", {"compile": True})
-    configure_torch(cfg, DistEnv(0, 0, 2, 2, CPU, "gloo"), "off")
+    DDPEngine(cfg, DistEnv(0, 0, 2, 2, CPU, "gloo"), Precision("off", CPU, torch.amp.GradScaler("cpu", enabled=False))
+              ).configure_torch()
     import torch._inductor.config as inductor_config
 
     from mnist_dist.dist import usable_cpu_count

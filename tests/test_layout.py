@@ -1,13 +1,17 @@
-"""The package layout: no import cycles between mnist_dist modules, and light imports on the
-default path. The import graph is built from the source with ``ast`` (every ``import``, also those
-inside functions), so a cycle hidden in a function-level import is still found."""
+"""The package layout: no import cycles between mnist_dist modules, no import from a lower layer up to
+a higher one, light imports on the default path, and the core's size held to its ceilings. The import
+graph is built from the source with ``ast`` (every ``import``, also those inside functions), so a cycle
+or an upward import hidden in a function-level import is still found."""
 
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
-from conftest import QUIET, REPO, ok, python
+import pytest
+
+from conftest import QUIET, REPO, child_env, ok, python
 
 PACKAGE = REPO / "mnist_dist"
 
@@ -74,6 +78,82 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+# The layers, bottom first: a module imports from its own layer and the ones below, never from above.
+# (A package's modules share its layer.) README's code map lists the same.
+LAYERS = (
+    ("errors", "console"),
+    ("config", "config_file", "rng", "callbacks", "lagged"),
+    ("dist", "models", "data"),
+    ("engines", "metrics", "optim", "clock", "stopping"),
+    ("checkpoint", "trainer", "outputs", "diagnostics", "faults"),
+    ("train",),
+    ("entry", "cli", "tools", "launchers", "sweep", "preflight", "__main__", ""),
+)
+# Ceilings of the core path (``python train_ddp.py --max-steps 30``, coverage.py): it may not regrow.
+MAX_CORE_STATEMENTS, MAX_CORE_MODULES = 1350, 30
+MAX_FUNCTION_LINES, MAX_MODULE_LINES = 60, 350
+
+
+def layer(module: str) -> int:
+    top = module.split(".")[1] if "." in module else ""
+    for i, names in enumerate(LAYERS):
+        if top in names:
+            return i
+    raise AssertionError(f"{module} has no layer: add it to LAYERS in tests/test_layout.py")
+
+
+def upward_imports(package: Path = PACKAGE) -> list[str]:
+    """``a -> b`` for every import of a module ``b`` in a higher layer than ``a``'s."""
+    graph = import_graph(package)
+    return sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets if layer(b) > layer(a))
+
+
+def test_no_import_from_a_lower_layer_up():
+    assert upward_imports() == []
+
+
+def test_the_layer_check_names_an_upward_import(tmp_path):
+    pkg = tmp_path / "mnist_dist"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "config.py").write_text("def f():\n    from .train import fit\n")
+    (pkg / "train.py").write_text("from .config import f\n")
+    assert upward_imports(pkg) == ["mnist_dist.config -> mnist_dist.train"]
+
+
+def test_no_function_or_module_is_too_long():
+    too_long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = path.read_text()
+        if len(source.splitlines()) > MAX_MODULE_LINES:
+            too_long.append(f"{path.relative_to(REPO)}: {len(source.splitlines())} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    too_long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {lines} lines")
+    assert not too_long, too_long
+
+
+@pytest.mark.slow
+def test_the_core_path_stays_small(small_mnist, tmp_path):
+    """What a default run executes (coverage.py, as benchmarks/core_size.py measures it) stays under
+    its ceilings; the figure itself is in docs/code-map.md."""
+    pytest.importorskip("coverage")
+    data = tmp_path / ".coverage"
+    env = child_env(COVERAGE_FILE=str(data), PYTHONPATH=str(REPO))
+    ok(python("-m", "coverage", "run", "--rcfile=/dev/null", "--source=mnist_dist", str(REPO / "train_ddp.py"),
+              "--max-steps", "30", "--data-dir", str(small_mnist), "--out-dir", str(tmp_path / "run"),
+              "--no-progress", env=env, cwd=tmp_path, timeout=300))
+    ok(python("-m", "coverage", "json", "--rcfile=/dev/null", "-q", "-o", str(tmp_path / "cov.json"), env=env,
+              cwd=tmp_path))
+    files = json.loads((tmp_path / "cov.json").read_text())["files"]
+    executed = {f: len(i["executed_lines"]) for f, i in files.items() if i["executed_lines"]}
+    assert len(executed) > 15 and sum(executed.values()) > 500, "coverage did not follow the run"
+    assert sum(executed.values()) <= MAX_CORE_STATEMENTS, sorted(executed.items(), key=lambda kv: -kv[1])
+    assert len(executed) <= MAX_CORE_MODULES, sorted(executed)
+
+
 def test_no_import_cycles():
     graph = import_graph()
     assert len(graph) > 20 and graph["mnist_dist.train"], "the graph was not built"
@@ -106,3 +186,10 @@ def test_default_run_imports_no_optional_packages(small_mnist, tmp_path):
     optional = ("torchvision", "matplotlib", "wandb", "accelerate", "tensorboard", "ray", "optuna", "yaml")
     heavy = sorted(m for m in imported if m.split(".")[0] in optional or m.startswith("mnist_dist.launchers"))
     assert not heavy, f"the default path imported {heavy}"
+    assert "mnist_dist.cli" not in imported, "a training run imported the subcommand table"
+
+
+def test_the_train_help_names_every_other_command():
+    from mnist_dist import cli, entry
+
+    assert set(entry.OTHER_COMMANDS) == set(cli.COMMANDS) - {"train"}

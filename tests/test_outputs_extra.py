@@ -153,7 +153,7 @@ def write_variants(images_u8: torch.Tensor, folder: Path) -> dict[str, list[Path
 
 def test_predict_on_image_files_agrees_with_the_model_and_reports_bad_files(trained_run, mnist_root, tmp_path,
                                                                              cli):
-    from mnist_dist.data import load_split
+    from mnist_dist.data.mnist import load_split
 
     n = 40
     images, _ = load_split(str(mnist_root), train=False)
@@ -227,7 +227,8 @@ def test_run_dir_commands_bad_input(command, needle, cli):
 PREDICT_UNDER_TORCHRUN = textwrap.dedent("""
     import json, sys
     import torch
-    from mnist_dist import data, dist
+    from mnist_dist import dist
+    from mnist_dist.data import mnist as data
     from mnist_dist.data.batches import eval_shard
     from mnist_dist.outputs.rundir import load_run_model
     from mnist_dist.outputs.report import confusion

@@ -1,4 +1,4 @@
-"""Issue 8: the best recipe's pieces and the speed path (augmentation, SyncBN, warm-up, compile,
+"""The best recipe's pieces and the speed path (augmentation, SyncBN, warm-up, compile,
 channels_last, time-to-target). Real processes and the real MNIST; no accuracy-over-15-epochs test."""
 
 from __future__ import annotations
@@ -9,12 +9,13 @@ from torch import nn
 
 from conftest import (QUIET, TRAIN_SCRIPT, assert_one_line_error, child_env, last_json_line, ok, python, read_json,
                       read_jsonl, torchrun)
-from mnist_dist import data
+from mnist_dist.data import mnist as data
 from mnist_dist.config import resolve_config
 from mnist_dist.dist import DistEnv
 from mnist_dist.models import build_model
 from mnist_dist.data.augment import BatchTransform, augment_batch, augment_seed
-from mnist_dist.engines.prepare import prepare_model
+from mnist_dist.engines._base import Precision
+from mnist_dist.engines.ddp import DDPEngine
 
 CPU = torch.device("cpu")
 
@@ -88,8 +89,14 @@ def test_channels_last_only_transform(mnist_root):
 
 
 # ----------------------------------------------------------------------------- model preparation
+def prepare_model(model: nn.Module, cfg, dist_env: DistEnv) -> nn.Module:
+    """``Engine.prepare`` of the ddp engine on ``dist_env`` (no process group is joined)."""
+    precision = Precision("off", dist_env.device, torch.amp.GradScaler(dist_env.device.type, enabled=False))
+    return DDPEngine(cfg, dist_env, precision).prepare(model)
+
+
 def test_prepare_model_converts_batchnorm_only_under_a_cuda_process_group():
-    cfg = resolve_config("best", {"sync_bn": True})  # opt-in since issue 12 (not sync-free)
+    cfg = resolve_config("best", {"sync_bn": True})  # opt-in (not sync-free)
     cuda_ranks = DistEnv(0, 0, 2, 2, torch.device("cuda", 0), "nccl")  # conversion itself needs no GPU
     synced = prepare_model(build_model("best"), cfg, cuda_ranks)
     assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == 3

@@ -272,7 +272,7 @@ def test_local_sweep_prunes_stops_on_sigterm_and_resumes(small_mnist, tmp_path):
     rows = (sweep_dir / "trials.csv").read_text().splitlines()
     assert rows[0].startswith("number,state,value,lr,max_steps,test_accuracy") and len(rows) == 5
     assert rows[3].split(",")[1] == "PRUNED"
-    from mnist_dist.cli import parse_train_args
+    from mnist_dist.entry import parse_train_args
 
     best = study.best_trial
     cfg = parse_train_args(["--config", str(sweep_dir / "best.toml"), "--out-dir", str(tmp_path / "again")],

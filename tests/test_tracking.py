@@ -96,14 +96,14 @@ def test_network_down_falls_back_to_offline_and_resume_keeps_the_run_id(tmp_path
         assert first.active, "tracking must survive a dead server"
         run_id = first.run_id
         for step in range(1, 5):
-            first.log_step(step, torch.tensor(1.0 / step), opt)
-        first.log_epoch({"epoch": 1, "train_loss": 0.25}, 4)
-        first.finish({"test_correct": 7}, run_dir)
+            first.on_step(step, torch.tensor(1.0 / step), opt)
+        first.on_epoch({"epoch": 1, "train_loss": 0.25}, 4)
+        first.finish({"test_correct": 7})
         cfg.wandb_mode = "offline"
         second = Tracker.start(cfg, env, {"config": cfg.to_json()}, run_dir, resume_id=run_id)
-        second.log_epoch({"epoch": 2, "train_loss": 0.125}, 8)
+        second.on_epoch({"epoch": 2, "train_loss": 0.125}, 8)
         print("IDS", run_id, second.run_id)
-        second.finish({"test_correct": 8}, run_dir)
+        second.finish({"test_correct": 8})
     """)
     # a key is "configured" but the server is a closed port: wandb.init fails, training must not
     env = no_server_env(tmp_path, WANDB_API_KEY="x" * 40, WANDB_INIT_TIMEOUT="3")

@@ -80,10 +80,3 @@ class BatchTransform:
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
-
-
-def build_batch_transform(cfg: TrainConfig, env: DistEnv, per_rank_batch: int,
-                          steps_per_epoch: int) -> BatchTransform | None:
-    if not (cfg.augment or cfg.channels_last):
-        return None
-    return BatchTransform(cfg, env, per_rank_batch, steps_per_epoch)

@@ -2,8 +2,8 @@
 
 Training order always comes from ``torch.utils.data.DistributedSampler`` (shuffle, seed,
 ``set_epoch``, ``drop_last``), whichever input path is used, so ranks see disjoint shards and
-the two paths (``tensor``: the dataset held on the device; ``dataloader``: the classic per-sample
-pipeline) give the same batches in the same order. Evaluation uses contiguous, disjoint, unpadded
+the two paths (``tensor``: the dataset held on the device, here; ``dataloader``: the classic
+per-sample pipeline, ``loader.py``) give the same batches in the same order. Evaluation uses contiguous, disjoint, unpadded
 shards instead (``eval_shard``), so every test image counts exactly once at any world size.
 
 The data position is independent of the world size: an epoch's order is one permutation of the
@@ -17,18 +17,14 @@ same ones at every world size.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 from dataclasses import dataclass
-from typing import Iterator, TextIO
+from typing import Iterator
 
 import torch
 from torch.utils.data import DistributedSampler
 
 from ..dist import DistEnv
-from ..errors import UserError
-from .mnist import classic_transform
+
 
 def train_sampler(n: int, env: DistEnv, seed: int, epoch: int) -> DistributedSampler:
     sampler = DistributedSampler(
@@ -47,15 +43,6 @@ def steps_per_epoch(n: int, world_size: int, per_rank_batch: int) -> int:
     """Global batches per epoch: floor(N / B) with B = per-rank batch x world size (the same as
     DistributedSampler's floor(floor(N / W) / (B / W)), at every world size)."""
     return n // (world_size * per_rank_batch)
-
-
-INDEX_LOG_ENV = "MNIST_DIST_INDEX_LOG"  # tests only: PATH -> every batch's sample indices in PATH.rank<R>
-
-
-def index_log(env: DistEnv) -> TextIO | None:
-    """For the tests that prove every training index is used once per epoch across a resume."""
-    path = os.environ.get(INDEX_LOG_ENV)
-    return open(f"{path}.rank{env.rank}", "a") if path else None
 
 
 def eval_shard(n: int, rank: int, world_size: int) -> slice:
@@ -79,71 +66,6 @@ class TensorBatches:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = rank_indices(len(self.labels), self.env, self.seed, epoch).to(self.images.device)
         b = self.per_rank_batch
-        log = index_log(self.env)
         for step in range(start_step, len(self)):
             idx = order[step * b:(step + 1) * b]
-            if log is not None:  # tests only (a host sync per batch)
-                log.write(json.dumps({"epoch": epoch, "step": step, "indices": idx.tolist()}) + "\n")
-                log.flush()
             yield self.images[idx], self.labels[idx]
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: a scheduler signals every process of a job (SLURM's preemption
-    TERM, ``docker stop``, Ctrl-C's process group), workers included. The rank handles the signal
-    (loop/stopping.py: agree, checkpoint, exit) and then shuts its workers down; a worker killed by it
-    first would make the rank's next batch raise instead."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-
-
-class _SkipSampler(torch.utils.data.Sampler):
-    """A DistributedSampler's order with the first ``skip`` indices removed (mid-epoch resume)."""
-
-    def __init__(self, sampler: DistributedSampler, skip: int) -> None:
-        self.sampler, self.skip = sampler, skip
-
-    def __iter__(self):
-        return iter(list(self.sampler)[self.skip:])
-
-    def __len__(self) -> int:
-        return max(0, len(self.sampler) - self.skip)
-
-
-@dataclass
-class LoaderBatches:
-    """The classic path: torchvision MNIST + ToTensor/Normalize + DataLoader + DistributedSampler."""
-
-    root: str
-    normalize: bool
-    env: DistEnv
-    per_rank_batch: int
-    seed: int
-    num_workers: int
-
-    def __post_init__(self) -> None:
-        try:
-            from torchvision.datasets import MNIST
-        except Exception as exc:  # not installed, or built for another torch
-            raise UserError(f"--loader dataloader needs torchvision, which does not import here "
-                            f"({type(exc).__name__}); use the default --loader tensor") from None
-
-        self.dataset = MNIST(self.root, train=True, download=False,
-                             transform=classic_transform(self.normalize))
-
-    def __len__(self) -> int:
-        return steps_per_epoch(len(self.dataset), self.env.world_size, self.per_rank_batch)
-
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from torch.utils.data import DataLoader
-
-        sampler = train_sampler(len(self.dataset), self.env, self.seed, epoch)
-        order = _SkipSampler(sampler, start_step * self.per_rank_batch) if start_step else sampler
-        loader = DataLoader(
-            self.dataset, batch_size=self.per_rank_batch, sampler=order, drop_last=True,
-            num_workers=self.num_workers, pin_memory=self.env.device.type == "cuda",
-            persistent_workers=False, worker_init_fn=ignore_stop_signals if self.num_workers else None,
-        )
-        non_blocking = self.env.device.type == "cuda"
-        for x, y in loader:
-            yield x.to(self.env.device, non_blocking=non_blocking), y.to(self.env.device, non_blocking=non_blocking)

@@ -201,13 +201,3 @@ def to_float(images_u8: torch.Tensor, normalize: bool) -> torch.Tensor:
         std = torch.tensor([MNIST_STD], dtype=torch.float32, device=x.device).view(-1, 1, 1)
         x = x.sub(mean).div(std)
     return x
-
-
-def classic_transform(normalize: bool):
-    """ToTensor (+ Normalize): the notebook's per-sample pipeline, for ``--loader dataloader``."""
-    from torchvision import transforms
-
-    steps = [transforms.ToTensor()]
-    if normalize:
-        steps.append(transforms.Normalize((MNIST_MEAN,), (MNIST_STD,)))
-    return transforms.Compose(steps)

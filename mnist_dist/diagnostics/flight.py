@@ -1,7 +1,7 @@
 """torch's Flight Recorder: a ring buffer of the last collectives of every process group (name, sizes,
 sequence number, state, the Python stack that issued it), for NCCL and, since torch 2.8, gloo.
 
-* ``prepare(out_dir)`` runs before the process group exists (``cli.setup_engine``): it switches the
+* ``prepare(out_dir)`` runs before the process group exists (``entry.setup_engine``): it switches the
   recorder on (``TORCH_FR_BUFFER_SIZE=2000`` entries; torch 2.14's name for what was
   ``TORCH_NCCL_TRACE_BUFFER_SIZE``, which it still reads, with a deprecation warning), asks NCCL to dump it when a collective times out (``TORCH_NCCL_DUMP_ON_TIMEOUT=1``), and
   points the dumps at ``<out-dir>/debug/fr_trace_rank_<N>`` (``TORCH_FR_DUMP_TEMP_FILE``; torch reads

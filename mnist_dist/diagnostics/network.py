@@ -1,4 +1,4 @@
-"""The start-up network check under a launcher (``dist.network_check`` calls ``probe``).
+"""The start-up network check under a launcher (``network_check``: a checked barrier, then ``probe``).
 
 After a barrier that names absent ranks, every rank runs one small all_reduce whose sum is checked
 (and timed: the latency), then a short bandwidth probe (an all_reduce of 4 MiB on the CPU, 64 MiB on
@@ -36,6 +36,15 @@ def _timed_all_reduce(tensor, repeats: int) -> list[float]:
             torch.cuda.synchronize(tensor.device)
         times.append(time.perf_counter() - start)
     return times
+
+
+def network_check(env: Any, timeout_s: float) -> dict[str, Any]:
+    """Start-up check under a launcher: a checked barrier, one small all_reduce whose sum is verified,
+    a short bandwidth probe and the socket interface."""
+    from ..dist import checked_barrier
+
+    checked_barrier(env, timeout_s)
+    return probe(env.rank, env.world_size, env.device, env.backend or "gloo")
 
 
 def probe(rank: int, world_size: int, device, backend: str) -> dict[str, Any]:

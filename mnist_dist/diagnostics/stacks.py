@@ -21,7 +21,7 @@ HEADER = "=== "  # our own dumps start with a line like this; SIGUSR2 dumps (wri
 
 
 def short_path(filename: str) -> str:
-    """``.../site-packages/torch/x.py`` -> ``torch/x.py``; ``.../mnist_dist/loop/trainer.py`` -> ``mnist_dist/...``."""
+    """``.../site-packages/torch/x.py`` -> ``torch/x.py``; ``.../mnist_dist/trainer.py`` -> ``mnist_dist/...``."""
     for root in ("mnist_dist", "torch"):
         marker = f"/{root}/"
         if marker in filename:
@@ -49,7 +49,7 @@ def _ours(frame: Frame) -> bool:
 
 
 def package_frame(frames: list[Frame]) -> str | None:
-    """The innermost frame of our own code (``mnist_dist/loop/trainer.py:87 in train_step``)."""
+    """The innermost frame of our own code (``mnist_dist/trainer.py:87 in train_step``)."""
     for filename, line, name in reversed(frames):
         if _ours((filename, line, name)):
             return f"{short_path(filename)}:{line} in {name}"
@@ -71,7 +71,7 @@ def collective(frames: list[Frame]) -> str | None:
 
 
 def describe(frames: list[Frame]) -> str:
-    """``torch.distributed.all_reduce <- mnist_dist/loop/evaluate.py:88 in evaluate`` (or a part of it)."""
+    """``torch.distributed.all_reduce <- mnist_dist/metrics.py:88 in evaluate`` (or a part of it)."""
     ours, what = package_frame(frames), collective(frames)
     if ours and what:
         return f"{what} <- {ours}"
@@ -118,9 +118,10 @@ def parse_dumps(text: str) -> list[dict[str, Any]]:
 # what a rank was doing, from the innermost of our functions that names a phase
 _PHASES = (
     ("network_check", "start-up network check"), ("warm_up", "warm-up steps"),
-    ("save_checkpoint", "checkpoint"), ("final_predictions", "final predictions"),
+    ("save", "checkpoint"), ("final_predictions", "final predictions"),
     ("evaluate", "evaluation"), ("train_step", "training step"), ("stop_if_requested", "stop-signal check"),
-    ("batches", "waiting for the next batch"), ("train_epoch", "epoch loop"), ("resume", "resume"), ("build_trainer", "start-up (data, model)"),
+    ("batches", "waiting for the next batch"), ("train_epoch", "epoch loop"), ("resume", "resume"),
+    ("build", "start-up (data, model)"),
     ("run_metadata", "start-up (run metadata)"), ("fit", "run"),
 )
 

@@ -38,6 +38,7 @@ from typing import Any
 
 from ..errors import RankFailure, StopTraining
 from . import flight
+from .dumps import StackDumps
 from .heartbeat import HeartbeatStore, classify, heartbeat_interval
 from .stacks import HEADER, collective, describe, phase, thread_frames, traceback_frames
 
@@ -72,19 +73,17 @@ class Watchdog:
         self.debug_dir = self.out_dir / "debug"
         self.txt = self.debug_dir / f"rank-{env.rank}.txt"
         self.json = self.debug_dir / f"rank-{env.rank}.json"
-        self.progress: Any = None
+        self.position_of: Any = None  # the loop's Position, once it exists
         self.armed, self.state, self.beat = True, "running", 0
         self.failed_at: list | None = None  # the failure's frames: what this rank's last heartbeats say
         self.store: HeartbeatStore | None = None
         self.events: list[dict[str, Any]] = []
         self.identity = {"rank": env.rank, "pid": os.getpid(), "host": socket.gethostname()}
         self.attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-        self._fh: Any = None
+        self.dumps = StackDumps(cfg.out_dir, env.rank)  # kill -USR2, fatal signals: stacks in rank-N.txt
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._faulthandler_enabled = False
-        self._made_out_dir = False  # this rank made the run directory (a node without shared storage)
 
     # ------------------------------------------------------------------ life cycle
     @classmethod
@@ -95,30 +94,19 @@ class Watchdog:
             watchdog.events = list(previous.get("events", []))  # an earlier attempt's (restart, --resume)
         except (OSError, ValueError):
             pass
-        try:
-            watchdog._made_out_dir = not watchdog.out_dir.exists()
-            watchdog.debug_dir.mkdir(parents=True, exist_ok=True)
-            watchdog._fh = open(watchdog.txt, "ab", buffering=0)
-        except OSError as exc:
-            print(f"notice: no stack dumps for rank {env.rank}: cannot write {watchdog.txt} ({exc.strerror})",
-                  file=sys.stderr, flush=True)
+        watchdog.dumps = StackDumps.start(cfg.out_dir, env.rank, fatal=True)
+        if watchdog.dumps.fh is None:
             return watchdog
-        if hasattr(signal, "SIGUSR2"):
-            faulthandler.register(signal.SIGUSR2, file=watchdog._fh, all_threads=True, chain=False)
-        if env.distributed:
-            if not faulthandler.is_enabled():
-                faulthandler.enable(file=watchdog._fh, all_threads=True)
-                watchdog._faulthandler_enabled = True
-            flight.point_dumps_at(str(watchdog.out_dir))
-            watchdog.store = HeartbeatStore.connect(env.rank, timeout_s=min(10.0, max(2.0, watchdog.timeout / 2)))
-            watchdog._publish(thread_frames())
-            watchdog._thread = threading.Thread(target=watchdog._run, name="mnist-dist-watchdog", daemon=True)
-            watchdog._thread.start()
+        flight.point_dumps_at(str(watchdog.out_dir))
+        watchdog.store = HeartbeatStore.connect(env.rank, timeout_s=min(10.0, max(2.0, watchdog.timeout / 2)))
+        watchdog._publish(thread_frames())
+        watchdog._thread = threading.Thread(target=watchdog._run, name="mnist-dist-watchdog", daemon=True)
+        watchdog._thread.start()
         return watchdog
 
-    def watch(self, progress: Any) -> None:
-        """From now on, positions (epoch, step) come from the loop's ``Progress``."""
-        self.progress = progress
+    def watch(self, position: Any) -> None:
+        """From now on, positions (epoch, step) come from the loop's ``Position``."""
+        self.position_of = position
 
     def disarm(self) -> None:
         """After the ranks' last barrier: rank 0 works alone; no stall dumps, peers see 'done'."""
@@ -132,7 +120,7 @@ class Watchdog:
     def __exit__(self, exc_type, exc, tb) -> bool:
         report = None
         try:
-            if exc is not None and self.env.distributed and is_collective_failure(exc):
+            if exc is not None and is_collective_failure(exc):
                 report = self.report_failure(exc)
             elif exc is not None and self.store is not None:  # tell the peers, who are about to fail
                 stopped = isinstance(exc, (StopTraining, KeyboardInterrupt))
@@ -152,26 +140,11 @@ class Watchdog:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.interval + 1.0)
-        if self._fh is None:
-            return
-        if hasattr(signal, "SIGUSR2"):
-            faulthandler.unregister(signal.SIGUSR2)
-        if self._faulthandler_enabled:
-            faulthandler.disable()
-        self._fh.close()
-        self._fh = None
-        try:  # a run that needed no dump leaves no debug/ behind
-            if self.txt.stat().st_size == 0:
-                self.txt.unlink()
-                self.debug_dir.rmdir()
-                if self._made_out_dir:  # nothing of the run lives on this node (rank 0's node has it)
-                    self.out_dir.rmdir()
-        except OSError:
-            pass  # another rank's files are there
+        self.dumps.close()
 
     # ------------------------------------------------------------------ positions and heartbeats
     def position(self) -> dict[str, Any]:
-        p = self.progress
+        p = self.position_of
         if p is None:
             return {}
         return {"epoch": p.epoch + 1, "step": p.step_in_epoch, "global_step": p.global_step}
@@ -210,17 +183,18 @@ class Watchdog:
 
     # ------------------------------------------------------------------ dumps and reports
     def _write(self, text: str, stacks: bool = True) -> None:
-        if self._fh is None:
+        fh = self.dumps.fh
+        if fh is None:
             return
         with self._lock:
-            self._fh.write(text.encode())
+            fh.write(text.encode())
             if stacks:
-                faulthandler.dump_traceback(file=self._fh, all_threads=True)
-            self._fh.write(b"\n")
+                faulthandler.dump_traceback(file=fh, all_threads=True)
+            fh.write(b"\n")
 
     def _record(self, event: dict[str, Any]) -> None:
         self.events.append(event)
-        if self._fh is None:
+        if self.dumps.fh is None:
             return
         event["attempt"] = self.attempt
         doc = {**self.identity, "world_size": self.env.world_size, "backend": self.env.backend,

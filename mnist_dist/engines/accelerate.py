@@ -39,7 +39,7 @@ from ..config import TrainConfig
 from ..dist import (DistEnv, default_threads, join_process_group, launched_by_torchrun, launcher_name,
                     launcher_world, pick_backend, pick_device)
 from ..errors import UserError
-from .base import Engine, Precision, resolve_precision
+from ._base import Engine, Precision, resolve_precision
 
 # accelerate's names for our --amp values
 _TO_ACCELERATE = {"off": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -76,10 +76,35 @@ def _import_accelerate():
                         "(or pip install -e '.[accelerate]')") from None
 
 
+def make_accelerator(cpu: bool, amp: str, init: Any, world_size: int) -> Any:
+    """``accelerate.Accelerator``, checked: no accelerate-side gradient accumulation, and as many
+    processes as the launcher started."""
+    from accelerate import Accelerator
+
+    with warnings.catch_warnings():
+        # accelerate sets torch threads itself when OMP_NUM_THREADS is unset; setup sets them after
+        warnings.filterwarnings("ignore", message=".*OMP_NUM_THREADS.*")
+        try:
+            accelerator = Accelerator(cpu=cpu, mixed_precision=_TO_ACCELERATE[amp], kwargs_handlers=[init])
+        except ValueError as exc:  # accelerate's own configuration errors
+            raise UserError(f"accelerate: {' '.join(str(exc).split())}") from None
+    if accelerator.gradient_accumulation_steps != 1:
+        raise UserError(
+            f"gradient accumulation ({accelerator.gradient_accumulation_steps} steps, from accelerate "
+            f"launch / ACCELERATE_GRADIENT_ACCUMULATION_STEPS) is not how mnist-dist accumulates: use "
+            f"--grad-accum K (either engine; --batch-size stays the global batch)"
+        )
+    if accelerator.num_processes != world_size:
+        raise UserError(
+            f"the launcher started {world_size} processes but accelerate sees "
+            f"{accelerator.num_processes} ({accelerator.distributed_type})"
+        )
+    return accelerator
+
+
 def setup(cfg: TrainConfig) -> AccelerateEnv:
     """Create the Accelerator (and with it the process group); return our DistEnv from its state."""
     _import_accelerate()
-    from accelerate import Accelerator
     from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
     rank, local_rank, world_size, local_world_size = launcher_world()
@@ -106,24 +131,7 @@ def setup(cfg: TrainConfig) -> AccelerateEnv:
         # Our own group (per-attempt elastic store, early imports: see dist.py); accelerate adopts
         # a group that already exists instead of creating one.
         join_process_group(pick_backend(cfg.backend, wanted), wanted, rank, world_size, cfg.dist_timeout)
-    with warnings.catch_warnings():
-        # accelerate sets torch threads itself when OMP_NUM_THREADS is unset; we set them below
-        warnings.filterwarnings("ignore", message=".*OMP_NUM_THREADS.*")
-        try:
-            accelerator = Accelerator(cpu=cpu, mixed_precision=_TO_ACCELERATE[amp], kwargs_handlers=[init])
-        except ValueError as exc:  # accelerate's own configuration errors
-            raise UserError(f"accelerate: {' '.join(str(exc).split())}") from None
-    if accelerator.gradient_accumulation_steps != 1:
-        raise UserError(
-            f"gradient accumulation ({accelerator.gradient_accumulation_steps} steps, from accelerate "
-            f"launch / ACCELERATE_GRADIENT_ACCUMULATION_STEPS) is not how mnist-dist accumulates: use "
-            f"--grad-accum K (either engine; --batch-size stays the global batch)"
-        )
-    if accelerator.num_processes != world_size:
-        raise UserError(
-            f"the launcher started {world_size} processes but accelerate sees "
-            f"{accelerator.num_processes} ({accelerator.distributed_type})"
-        )
+    accelerator = make_accelerator(cpu, amp, init, world_size)
     distributed = accelerator.distributed_type != DistributedType.NO
     device = accelerator.device
     if device.type == "cpu":

@@ -7,7 +7,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import dist
 from ..config import TrainConfig
-from .base import Engine, resolve_precision
+from ._base import Engine, resolve_precision
 
 
 class DDPEngine(Engine):

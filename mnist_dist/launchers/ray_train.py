@@ -4,7 +4,7 @@ Ray starts the N worker processes and creates their process group (``ray.train.t
 gloo on CPUs, nccl with ``--use-gpu``). Each worker builds our ``DistEnv`` from Ray's train context
 (``dist.adopt``: world/local rank and size, Ray's device) and runs ``train.fit`` with the DDP engine
 as it is: same recipes, same exact evaluation, same run directory. Every checkpoint file we write
-(``checkpoint/``) is also reported with ``ray.train.report(metrics, checkpoint=...)``, with the
+(``checkpoint.py``) is also reported with ``ray.train.report(metrics, checkpoint=...)``, with the
 epoch's record at each epoch end; a worker group that Ray restarts (``--max-failures``) resumes
 from ``ray.train.get_checkpoint()`` (or from the run directory's newest checkpoint when that one is
 newer: a report Ray had not registered before the failure), bitwise as our own ``--resume`` does.
@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from ..callbacks import Callback
 from ..config import TrainConfig
 from ..errors import UserError
 
@@ -79,7 +80,7 @@ def check_request(args: argparse.Namespace, cfg: TrainConfig) -> None:
     """What the driver can refuse before starting Ray."""
     import torch
 
-    from ..engines.base import resolve_precision
+    from ..engines._base import resolve_precision
 
     if args.max_failures < -1:
         raise UserError(f"--max-failures must be -1 (no limit) or >= 0, got {args.max_failures}")
@@ -140,7 +141,7 @@ def import_ray() -> Any:
 
 
 def ray_command(argv: Sequence[str]) -> int:
-    from ..cli import parse_train_args
+    from ..entry import parse_train_args
     from ..dist import usable_cpu_count
 
     args, train_argv = split_argv(argv)
@@ -249,7 +250,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     from .. import dist, faults
-    from ..engines.base import resolve_precision
+    from ..engines._base import resolve_precision
     from ..engines.ddp import DDPEngine
     from ..train import fit
 
@@ -277,7 +278,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         elif attempt != "0" and env.is_main:  # a restart before the first checkpoint: say so
             print(f"ray: attempt {attempt}: no checkpoint from Ray yet; starting as configured "
                   f"(--resume {cfg.resume or 'none'})", flush=True)
-        fit(cfg, engine, on_checkpoint=report_checkpoint)
+        fit(cfg, engine, callbacks=[RayReport()])
     # the process group is Ray's: its TorchConfig backend destroys it when the workers shut down
 
 
@@ -297,17 +298,22 @@ def ray_checkpoint_file(checkpoint: Any) -> Iterator[str | None]:
 def newer_own_checkpoint(out_dir: str, ray_file: str | None) -> Path | None:
     """The run directory's newest loadable checkpoint if its step is past Ray's (None otherwise).
     Both carry our file name, ``step-NNNNNNNN.pt``, so the names order them."""
-    from ..checkpoint import files
+    from ..checkpoint import newest_loadable
 
-    own = files.newest_loadable(out_dir)
+    own = newest_loadable(out_dir)
     if own is None or (ray_file is not None and own.name <= Path(ray_file).name):
         return None
     return own
 
 
+class RayReport(Callback):
+    def on_checkpoint(self, path: str | None, metrics: dict[str, Any]) -> None:
+        report_checkpoint(path, metrics)
+
+
 def report_checkpoint(path: str | None, metrics: dict[str, Any]) -> None:
-    """Every rank after each of our checkpoints (``Trainer.on_checkpoint``): rank 0 hands the file to
-    Ray (copied into the run's storage before this returns), the others report the metrics only."""
+    """Every rank after each of our checkpoints: rank 0 hands the file to Ray (copied into the run's
+    storage before this returns), the others report the metrics only."""
     import ray.train
 
     if path is None:

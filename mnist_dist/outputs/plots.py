@@ -7,7 +7,7 @@
 ``confusion_matrix.json`` itself is written by ``outputs/report.py`` from exact predictions on all
 10,000 test images. Everything here reads files only, so ``python -m mnist_dist plot --run-dir DIR``
 redraws the same pictures later — and the training process draws them with that very command in a
-second process (``start_drawing``), next to its own export. Nothing here imports torch: the drawing
+second process (``report.start_drawing``), next to its own export. Nothing here imports torch: the drawing
 process starts in well under a second (matplotlib's Figure API, no pyplot).
 """
 
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ MAX_MISTAKES = 36
 
 def new_figure(**kwargs):
     """A matplotlib Figure on the Agg canvas (no display, no pyplot); a clear error when missing."""
-    from .tracking import require
+    from ..console import require
 
     require("matplotlib", "pictures (--plots / `mnist-dist plot`)")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -141,23 +139,3 @@ def draw_all(run_dir: str | os.PathLike, data_dir: str) -> list[Path]:
     draw_mistakes(images, confusion["mistakes"], run / MISTAKES_FILE)
     written.append(run / MISTAKES_FILE)
     return written
-
-
-def start_drawing(run_dir: str | os.PathLike, data_dir: str) -> subprocess.Popen:
-    """``mnist-dist plot`` in a second process (no torch in it), so the pictures are drawn while this
-    process exports the model; ``finish_drawing`` waits for it."""
-    package_root = str(Path(__file__).resolve().parents[2])  # works from a checkout or an install
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root,
-                                                                     os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "mnist_dist", "plot", "--run-dir", str(run_dir), "--data-dir", str(data_dir)]
-    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def finish_drawing(proc: subprocess.Popen) -> str | None:
-    """Wait for the drawing process; its error line, or None when all pictures were written."""
-    _, err = proc.communicate()
-    if proc.returncode == 0:
-        return None
-    lines = [line for line in err.splitlines() if line.strip()]
-    return lines[-1] if lines else f"exit code {proc.returncode}"

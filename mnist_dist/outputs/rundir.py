@@ -41,19 +41,28 @@ def default_run_dir() -> str:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary name beside ``path`` for the caller to write; then fsync and rename it to ``path``,
-    so readers never see a partial file. The name keeps ``path``'s suffix (matplotlib and
-    torch.export choose the format by it). On an error the temporary file is removed.
-    (checkpoint/files.py's save does the same by hand, with a fault-injection point before the rename.)"""
+    """A temporary name beside ``path`` for the caller to write; then fsync it, rename it to ``path``
+    and fsync the directory, so that readers never see a partial file and a crash leaves the old file
+    or the new one, never a partial file under the final name. The name keeps ``path``'s suffix
+    (matplotlib and torch.export choose the format by it). On an error the temporary file is removed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
     try:
         yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        fsync(tmp)
         os.replace(tmp, path)
+        fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -118,11 +127,11 @@ class RunDir:
                 kept.append(line)
         atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
-    def truncate_metrics(self, after_epoch: int) -> None:
-        self._truncate(METRICS_FILE, "epoch", after_epoch)
-
-    def truncate_evaluations(self, after_step: int) -> None:
-        self._truncate(EVALUATIONS_FILE, "global_step", after_step)
+    def truncate_to(self, epoch: int, global_step: int) -> None:
+        """A resume redoes what came after its checkpoint: the epochs after ``epoch`` (1-based records of
+        the finished epochs) and the evaluations after ``global_step`` are dropped."""
+        self._truncate(METRICS_FILE, "epoch", epoch)
+        self._truncate(EVALUATIONS_FILE, "global_step", global_step)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         if self.enabled:

@@ -19,6 +19,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from ..callbacks import Callback
 from .tracking import PICTURES
 
 DIR = "tensorboard"
@@ -33,7 +34,7 @@ def png_image(data: bytes) -> Any:
     return Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=data)
 
 
-class TensorBoard:
+class TensorBoard(Callback):
     def __init__(self, writer: Any, every: int, out_dir: Path) -> None:
         self.writer, self.every, self.out_dir = writer, every, out_dir
         self.last_step = 0
@@ -45,7 +46,7 @@ class TensorBoard:
         writer = SummaryWriter(log_dir=str(Path(cfg.out_dir) / DIR), purge_step=purge_step)
         return cls(writer, cfg.log_every, Path(cfg.out_dir))
 
-    def after_step(self, global_step: int, loss: Any, optimizer: Any) -> None:
+    def on_step(self, global_step: int, loss: Any, optimizer: Any) -> None:
         if global_step % self.every:
             return
         self.last_step = global_step
@@ -53,17 +54,14 @@ class TensorBoard:
         self.writer.add_scalar("lr", float(optimizer.param_groups[0]["lr"]), global_step)
         self.writer.flush()  # a live TensorBoard sees the point now (and a crash loses none)
 
-    def log_epoch(self, record: dict[str, Any], global_step: int) -> None:
+    def on_epoch(self, record: dict[str, Any], global_step: int) -> None:
         self.last_step = global_step
         for key, value in record.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(key, value, global_step)
         self.writer.flush()
 
-    def summary(self, env: Any) -> dict[str, Any]:
-        return {}
-
-    def finish(self, summary: dict[str, Any], meta: dict[str, Any]) -> None:
+    def on_end(self, summary: dict[str, Any], meta: dict[str, Any]) -> None:
         from torch.utils.tensorboard.summary import hparams
 
         writer = self.writer._get_file_writer()

@@ -1,7 +1,7 @@
 """Experiment tracking with Weights & Biases, from global rank 0 only.
 
-``Tracker.start`` returns a no-op tracker when ``--wandb`` is off or on any rank but global rank 0,
-so the training loop calls it unconditionally and pays nothing (no host sync) when it is off.
+``Tracker`` is one of the run's observers (``callbacks.py``), made only with ``--wandb``; on ranks
+other than global rank 0 it is a no-op (no host sync).
 
 What one run logs: the resolved config (``config.json``'s content), ``batch_loss`` and ``lr`` every
 ``--wandb-every`` optimizer steps (rank 0's batch loss; one ``.item()`` each time), every
@@ -16,14 +16,14 @@ notice line; a failing ``wandb.init`` (network down) falls back to offline, and 
 
 from __future__ import annotations
 
-import importlib.util
 import netrc
 import os
-import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from ..callbacks import Callback
+from ..console import notice, require
 from ..errors import UserError
 
 WANDB_MODES = ("online", "offline", "disabled")
@@ -32,7 +32,7 @@ INIT_TIMEOUT_S = 60.0  # seconds wandb.init may try to reach the server; $WANDB_
 
 
 def validate_tracking(cfg) -> None:
-    """Flag checks that need no process group (called from ``validate_config``)."""
+    """Flag checks that need no process group (called from ``entry.validate``)."""
     if cfg.wandb_mode and cfg.wandb_mode not in WANDB_MODES:
         raise UserError(f"--wandb-mode must be one of {', '.join(WANDB_MODES)}, got {cfg.wandb_mode!r}")
     if cfg.wandb_every <= 0:
@@ -42,17 +42,6 @@ def validate_tracking(cfg) -> None:
         env_mode = os.environ.get("WANDB_MODE", "")
         if not cfg.wandb_mode and env_mode and env_mode not in WANDB_MODES + ("dryrun", "run"):
             raise UserError(f"WANDB_MODE={env_mode!r} is not one of {', '.join(WANDB_MODES)}")
-
-
-def require(package: str, flag: str, extra: str = "track") -> None:
-    """A clear error when ``flag`` needs an optional package that is not installed."""
-    if importlib.util.find_spec(package) is None:
-        raise UserError(f"{flag} needs the Python package {package!r}, which is not installed; "
-                        f"install it with `pip install 'mnist-dist[{extra}]'` (or `pip install {package}`)")
-
-
-def notice(message: str) -> None:
-    print(f"notice: {message}", file=sys.stderr, flush=True)
 
 
 def has_api_key() -> bool:
@@ -81,12 +70,13 @@ def resolve_mode(flag: str) -> str:
     return mode
 
 
-class Tracker:
+class Tracker(Callback):
     """A wandb run on global rank 0; every method is a cheap no-op otherwise."""
 
-    def __init__(self, run: Any = None, every: int = 50) -> None:
+    def __init__(self, run: Any = None, every: int = 50, run_dir: str | os.PathLike = ".") -> None:
         self.run = run
         self.every = every
+        self.run_dir = Path(run_dir)
         self.last_step = 0
 
     @property
@@ -139,7 +129,7 @@ class Tracker:
         where = Path(run.dir).parent
         hint = f"; upload later with `wandb sync {where}`" if run.settings.mode == "offline" else ""
         print(f"wandb: run {run.id} ({run.settings.mode}) in {where}{hint}", flush=True)
-        return cls(run, cfg.wandb_every)
+        return cls(run, cfg.wandb_every, run_dir)
 
     # ------------------------------------------------------------------ logging
     def _log(self, data: dict[str, Any]) -> None:
@@ -149,7 +139,7 @@ class Tracker:
             notice(f"wandb: logging failed ({_reason(exc)}); tracking is off for the rest of the run")
             self.run = None
 
-    def log_step(self, global_step: int, loss, optimizer) -> None:
+    def on_step(self, global_step: int, loss, optimizer) -> None:
         """Every ``every`` optimizer steps: rank 0's batch loss (one host sync) and the learning rate."""
         if self.run is None or global_step % self.every:
             return
@@ -157,18 +147,21 @@ class Tracker:
         self._log({"global_step": global_step, "batch_loss": float(loss.item()),
                    "lr": float(optimizer.param_groups[0]["lr"])})
 
-    def log_epoch(self, record: dict[str, Any], global_step: int) -> None:
+    def on_epoch(self, record: dict[str, Any], global_step: int) -> None:
         """One ``metrics.jsonl`` record, under the same key names."""
         if self.run is None:
             return
         self.last_step = global_step
         self._log({**record, "global_step": global_step})
 
-    def finish(self, summary: dict[str, Any], run_dir: str | os.PathLike) -> None:
+    def on_end(self, summary: dict[str, Any], meta: dict[str, Any]) -> None:
         """The summary, the pictures and the final weights (as a ``model`` artifact); closes the run."""
+        self.finish(summary)
+
+    def finish(self, summary: dict[str, Any]) -> None:
         if self.run is None:
             return
-        run_dir = Path(run_dir)
+        run_dir = self.run_dir
         try:
             import wandb
 

@@ -113,7 +113,7 @@ def absolute_paths(argv: list[str]) -> list[str]:
 
 def check_train_flags(fixed: list[str], params: list[Param], world: int) -> Any:
     """The fixed flags parse and validate (as every trial will); none is swept or set by the sweep."""
-    from ..cli import build_train_parser, parse_train_args
+    from ..entry import build_train_parser, parse_train_args
 
     explicit = {k for k, v in vars(build_train_parser().parse_args(fixed)).items() if v is not None}
     for name in SET_BY_SWEEP:

@@ -85,7 +85,7 @@ class Sweep:
         return out + ["--out-dir", str(report.trial_dir(self.dir, number)), "--resume", "auto"]
 
     def ask_and_start(self, count: int) -> None:
-        from ..cli import parse_train_args
+        from ..entry import parse_train_args
 
         runs = []
         for _ in range(count):

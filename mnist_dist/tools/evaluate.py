@@ -12,9 +12,10 @@ from .arguments import add_location_args
 
 
 def evaluate_command(argv: Sequence[str]) -> int:
-    from .. import data, dist
-    from ..engines.base import resolve_precision
-    from ..loop.evaluate import evaluate
+    from .. import dist
+    from ..data import mnist as data
+    from ..engines._base import resolve_precision
+    from ..metrics import evaluate
     from ..outputs.rundir import load_run_model
 
     parser = argparse.ArgumentParser(

@@ -30,20 +30,34 @@ from typing import Any
 
 import torch
 
-from ..diagnostics.options import profile_window
+from ..callbacks import Callback
 from ..dist import DistEnv, gather_objects
+from ..errors import UserError
 
 PHASES = ("data", "forward", "backward", "optimizer")
+
+
+def profile_window(text: str) -> tuple[int, int, int]:
+    """``--profile-steps WAIT,WARMUP,ACTIVE`` -> three integers (ACTIVE >= 1)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        wait, warmup, active = (int(p) for p in parts)
+    except ValueError:
+        raise UserError(f"--profile-steps must be WAIT,WARMUP,ACTIVE (three integers), got {text!r}") from None
+    if wait < 0 or warmup < 0 or active < 1:
+        raise UserError(f"--profile-steps must be WAIT,WARMUP,ACTIVE with WAIT, WARMUP >= 0 and ACTIVE >= 1, "
+                        f"got {text!r}")
+    return wait, warmup, active
 SYNCS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaEventSynchronize")
 
 
 class Markers:
     """record_function ranges around the step's phases, installed for the profiled window only."""
 
-    def __init__(self, trainer: Any, monitor: Any, sync: bool) -> None:
+    def __init__(self, trainer: Any, sync: bool) -> None:
         from torch.profiler import record_function
 
-        self.engine, self.monitor = trainer.engine, monitor
+        self.engine, self.resources = trainer.engine, trainer.resources
         device = trainer.env.device
 
         def marked(name: str, fn: Any) -> Any:
@@ -59,7 +73,7 @@ class Markers:
 
         self.engine.backward = marked("backward", self.engine.backward)  # instance attributes: removed below
         self.engine.optimizer_step = marked("optimizer", self.engine.optimizer_step)
-        monitor.mark_data = lambda: record_function("mnist/data")
+        self.resources.mark_data = lambda: record_function("mnist/data")
         self.open: list[Any] = []
 
         def before(module: Any, args: Any) -> None:
@@ -81,7 +95,7 @@ class Markers:
     def remove(self) -> None:
         for name in ("backward", "optimizer_step"):
             self.engine.__dict__.pop(name, None)
-        self.monitor.mark_data = None
+        self.resources.mark_data = None
         for handle in self.handles:
             handle.remove()
 
@@ -137,8 +151,8 @@ def breakdown(trace: dict[str, Any]) -> dict[str, Any] | None:
     return out
 
 
-class StepProfiler:
-    def __init__(self, cfg: Any, trainer: Any, monitor: Any) -> None:
+class StepProfiler(Callback):
+    def __init__(self, cfg: Any, trainer: Any) -> None:
         from torch.profiler import ProfilerActivity, profile, schedule
 
         self.wait, self.warmup, self.active = profile_window(cfg.profile_steps)
@@ -152,11 +166,11 @@ class StepProfiler:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         self.prof = profile(activities=activities, on_trace_ready=self._ready,
                             schedule=schedule(wait=self.wait, warmup=self.warmup, active=self.active, repeat=1))
-        self.markers: Markers | None = Markers(trainer, monitor, sync=cuda)
+        self.markers: Markers | None = Markers(trainer, sync=cuda)
         self.steps, self.result, self.done = 0, None, False
         self.prof.start()
 
-    def after_step(self, global_step: int, loss: Any, optimizer: Any) -> None:
+    def on_step(self, global_step: int, loss: Any, optimizer: Any) -> None:
         if self.done:
             return
         self.prof.step()
@@ -187,9 +201,6 @@ class StepProfiler:
                 print("profile per step (rank 0): " + ", ".join(
                     f"{k[:-3]} {v:.2f} ms" for k, v in self.result.items() if k.endswith("_ms")), flush=True)
 
-    def log_epoch(self, record: dict[str, Any], global_step: int) -> None:
-        pass
-
     def summary(self, env: DistEnv) -> dict[str, Any]:
         """Every rank's breakdown, gathered (a collective)."""
         self.stop()
@@ -204,6 +215,3 @@ class StepProfiler:
             out["error"] = (f"the run ended after {self.steps} steps, before the profile window "
                             f"(--profile-steps {self.wait},{self.warmup},{self.active}) recorded anything")
         return {"profile": out}
-
-    def finish(self, summary: dict[str, Any], meta: dict[str, Any]) -> None:
-        pass

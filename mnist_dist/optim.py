@@ -1,20 +1,12 @@
-"""Seeding, the optimizer and the learning-rate schedule (stepped every optimizer step)."""
+"""The optimizer and the learning-rate schedule (stepped every optimizer step)."""
 
 from __future__ import annotations
 
-import random
 import warnings
 
-import numpy as np
 import torch
 
-from ..config import TrainConfig
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds every CUDA device
+from .config import TrainConfig
 
 
 def build_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.optim.Optimizer:

@@ -15,14 +15,15 @@ restarts or stops the worker group) and the flag is simply never set.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
-from ..dist import DistEnv
-from .lagged import LaggedRead
+from .dist import DistEnv
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -30,21 +31,20 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 class StopRequest:
     def __init__(self) -> None:
         self.signum = 0
-        self._previous: dict[int, object] = {}
         self._flag: torch.Tensor | None = None
-        self._lagged: LaggedRead | None = None
+        self._lagged = None  # lagged.LaggedRead, made with the flag
 
-    def install(self) -> "StopRequest":
-        if threading.current_thread() is not threading.main_thread():
-            return self
-        for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
-        self._previous.clear()
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["StopRequest"]:
+        """The handlers for the block (the training loop), the previous ones after it. Python runs
+        signal handlers in the main thread only: elsewhere (a Ray worker's thread) none is installed."""
+        main = threading.current_thread() is threading.main_thread()
+        previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS} if main else {}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame) -> None:
         if self.signum and signum == signal.SIGINT:
@@ -57,6 +57,8 @@ class StopRequest:
         if not env.distributed:
             return self.signum
         if self._flag is None:
+            from .lagged import LaggedRead
+
             self._flag = torch.zeros(1, dtype=torch.int64, device=env.device)
             self._lagged = LaggedRead(env.device)
         self._flag.fill_(self.signum)
