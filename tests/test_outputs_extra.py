@@ -278,7 +278,7 @@ def test_export_of_a_channels_last_model_is_silent_and_exact(tmp_path):
     import warnings
 
     from mnist_dist.models import PoolFirstCNN
-    from mnist_dist.outputs.export import load_classifier, save_export
+    from mnist_dist.outputs.export import save_export
 
     torch.manual_seed(0)
     model = PoolFirstCNN().to(memory_format=torch.channels_last).eval()
@@ -288,4 +288,4 @@ def test_export_of_a_channels_last_model_is_silent_and_exact(tmp_path):
     pixels = torch.rand(5, 1, 28, 28)
     with torch.no_grad():
         expected = model((pixels - 0.1307) / 0.3081)
-        assert torch.allclose(load_classifier(tmp_path)(pixels), expected, atol=1e-5)
+        assert torch.allclose(torch.export.load(str(tmp_path / "model.pt2")).module()(pixels), expected, atol=1e-5)

@@ -8,14 +8,18 @@ sequence number, state, the Python stack that issued it), for NCCL and, since to
   it when it first dumps). Variables the user set win.
 * ``dump(debug_dir, rank)``: gloo has no dump-on-timeout of its own, so the watchdog writes this
   rank's buffer in the same format when a collective fails (and when the rank stalls).
-* ``summarize(debug_dir)`` reads the dumps back with torch's own reader
-  (``torch.distributed.flight_recorder``, the library behind ``python -m
-  torch.distributed.flight_recorder.fr_trace``) for ``mnist-dist doctor``.
+* ``summarize(debug_dir)`` reads the dumps back for ``mnist-dist doctor`` and hands them to torch's
+  own matcher (``torch.distributed.flight_recorder``, the library behind ``python -m
+  torch.distributed.flight_recorder.fr_trace``). Not with torch's reader (``loader.read_dir``): that is
+  a plain ``pickle.load``, and a crafted dump would run code. ``read_dumps`` unpickles plain data only
+  (dicts, lists, tuples, strings, bytes, numbers, bools, None: all a dump holds); a dump that names
+  any Python object is refused, and said so, and the other dumps are still read.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -73,23 +77,57 @@ def dump(debug_dir: Path, rank: int) -> Path | None:
     return path
 
 
+class _PlainData(pickle.Unpickler):
+    """Unpickles plain data only: every global (a class, a function: how a pickle runs code) is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"it holds a Python object ({module}.{name})")
+
+
+def read_dumps(debug_dir: Path) -> tuple[dict[str, dict[str, Any]], str, list[str]]:
+    """What torch's ``loader.read_dir`` returns (file name → host_name, rank, entries, version,
+    pg_config; the first dump's version) for the dumps of ``debug_dir``, read with ``_PlainData``;
+    plus one line per dump refused or unreadable."""
+    details: dict[str, dict[str, Any]] = {}
+    refused = []
+    for path in sorted(debug_dir.glob(f"{PREFIX}*")):
+        if not path.name[len(PREFIX):].isdigit() or not path.is_file():
+            continue
+        try:
+            with open(path, "rb") as fh:
+                dump = _PlainData(fh).load()
+        except (pickle.UnpicklingError, EOFError) as exc:
+            refused.append(f"refused {path.name}: {' '.join(str(exc).split())[:200] or 'not a pickle'}")
+            continue
+        except (OSError, ValueError, RecursionError, MemoryError) as exc:
+            refused.append(f"refused {path.name}: unreadable ({type(exc).__name__}: {str(exc)[:200]})")
+            continue
+        if not (isinstance(dump, dict) and isinstance(dump.get("entries"), list)
+                and isinstance(dump.get("pg_config"), dict) and "version" in dump):
+            refused.append(f"refused {path.name}: not a Flight Recorder dump (no entries, pg_config, version)")
+            continue
+        rank = int(path.name[len(PREFIX):])
+        details[path.name] = {"host_name": f"host_rank{rank}", "rank": rank, "entries": dump["entries"],
+                              "version": dump["version"], "pg_config": dump["pg_config"]}
+    version = str(next(iter(details.values()))["version"]) if details else ""
+    return details, version, refused
+
+
 def summarize(debug_dir: Path) -> dict[str, Any] | None:
-    """torch's reader over the dumps in ``debug_dir``: per rank, its last collective; the group's
-    ranks without a dump; the collectives torch's matcher found incomplete (with the ranks missing)."""
-    files = sorted(p for p in debug_dir.glob(f"{PREFIX}*") if p.name[len(PREFIX):].isdigit())
-    if not files:
+    """The dumps in ``debug_dir`` (``read_dumps``): per rank, its last collective; the group's ranks
+    without a dump; the collectives torch's matcher found incomplete (with the ranks missing); the
+    dumps refused."""
+    if not any(p.name[len(PREFIX):].isdigit() for p in debug_dir.glob(f"{PREFIX}*")):
         return None
     import argparse
     import logging
-
-    from torch.distributed.flight_recorder.components.loader import read_dir
 
     logging.getLogger("Flight Recorder").setLevel(logging.CRITICAL)  # its matcher logs every mismatch
     args = argparse.Namespace(trace_dir=str(debug_dir), prefix=PREFIX, selected_ranks=None, pg_filters=None,
                               allow_incomplete_ranks=True, just_print_entries=False, verbose=False,
                               print_stack_trace=False, mismatch_cap=10, transform_ft=False,
                               group_world_size=None, output=None)
-    details, version = read_dir(args)
+    details, version, refused = read_dumps(debug_dir)
     ranks: dict[int, Any] = {}
     expected: set[int] = set()
     for dump_ in details.values():
@@ -109,6 +147,8 @@ def summarize(debug_dir: Path) -> dict[str, Any] | None:
         }
     incomplete = []
     try:
+        if not details:
+            raise ValueError("no dump could be read")
         from torch.distributed.flight_recorder.components.builder import build_db
 
         _name_gloo_groups(details)
@@ -119,7 +159,7 @@ def summarize(debug_dir: Path) -> dict[str, Any] | None:
     except Exception as exc:  # noqa: BLE001 - the matcher is best effort on partial dumps
         incomplete = [{"error": f"{type(exc).__name__}: {exc}"}]
     return {"version": version, "ranks": ranks, "without_dump": sorted(expected - set(ranks)),
-            "incomplete": incomplete}
+            "incomplete": incomplete, "refused": refused}
 
 
 def _name_gloo_groups(details: dict[str, Any]) -> None:

@@ -1,7 +1,9 @@
 """``model.pt2``: the trained network as a ``torch.export`` program that includes the input normalisation.
 
 Input: float images in [0, 1], shape [N, 1, 28, 28] for any N >= 1 (white digit on black, as MNIST).
-Output: logits [N, 10]. Loading needs torch only, none of our code::
+Output: logits [N, 10]. For deployment: none of our commands loads it (``predict`` rebuilds the model
+from ``model.pt``, see ``load_classifier``). Loading needs torch only, none of our code, and trust in
+the file (``torch.export.load`` may unpickle parts of the archive)::
 
     program = torch.export.load("runs/RUN/model.pt2")
     logits = program.module()(images)          # images: float32 [N, 1, 28, 28] in [0, 1]
@@ -13,6 +15,7 @@ default recipe), none when it did not (the ``seed`` recipe feeds pixels in [0, 1
 from __future__ import annotations
 
 import copy
+import io
 import os
 from pathlib import Path
 
@@ -56,25 +59,26 @@ def export_program(model: nn.Module, normalize: bool) -> torch.export.ExportedPr
 
 def save_export(model: nn.Module, normalize: bool, run_dir: str | os.PathLike) -> Path:
     """Write ``run_dir/model.pt2`` atomically (tmp file, then rename)."""
-    from .rundir import atomic_path
+    from .rundir import atomic_write_bytes
 
     path = Path(run_dir) / EXPORT_FILE
     program = export_program(model, normalize)
-    with atomic_path(path) as tmp:
-        torch.export.save(program, str(tmp))
+    buffer = io.BytesIO()  # serialised first: a full disk is then an OSError naming the file
+    torch.export.save(program, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
 def load_classifier(run_dir: str | os.PathLike) -> nn.Module:
-    """[0, 1] pixels → logits: ``model.pt2`` when present, else built from ``model.pt`` + config.json."""
-    path = Path(run_dir) / EXPORT_FILE
-    if path.is_file():
-        try:
-            return torch.export.load(str(path)).module()
-        except Exception as exc:
-            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-            raise UserError(f"{path} is corrupt or unreadable: {reason}") from None
-    from .rundir import load_run_model
+    """[0, 1] pixels → logits, rebuilt from ``model.pt`` (loaded weights-only) + config.json.
 
+    Never ``model.pt2``: ``torch.export.load`` unpickles any weight its archive marks ``use_pickle``,
+    so a crafted file would run code; and a stale one would outlive a newer ``model.pt``."""
+    from .rundir import WEIGHTS_FILE, load_run_model
+
+    weights = Path(run_dir) / WEIGHTS_FILE
+    if not weights.is_file() and (Path(run_dir) / EXPORT_FILE).is_file():
+        raise UserError(f"{weights} is missing: the model is rebuilt from model.pt and config.json "
+                        f"({EXPORT_FILE} is for deployment and is never loaded: loading it can run code)")
     model, config = load_run_model(run_dir, map_location="cpu")
     return PixelsToLogits(model, bool(config.get("normalize", True))).eval()

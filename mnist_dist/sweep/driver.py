@@ -37,6 +37,8 @@ class Sweep:
         self.offsets: dict[int, int] = {}  # number -> bytes of evaluations.jsonl already read
         self.reported: dict[int, set[int]] = {}  # number -> steps already reported to the pruner
         self.pruning: set[int] = set()
+        self.refused: list[str] = []  # trials whose flags the training job refused: never started
+        self.started = 0  # trials started (or resumed) by this process
         self.signum = 0
 
     # ------------------------------------------------------------------ the loop
@@ -61,9 +63,17 @@ class Sweep:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         self.write_reports(final=True)
+        self.check_something_ran()
         best = self.best_line()
         print(f"sweep done: {self.done()} trials in {self.dir}; {best}", flush=True)
         return 0
+
+    def check_something_ran(self) -> None:
+        """A space that yields only values the job refuses is bad input, not a finished sweep."""
+        complete = self.study.get_trials(deepcopy=False, states=(self.optuna.trial.TrialState.COMPLETE,))
+        if self.refused and not self.started and not complete:
+            raise UserError(f"no trial could start: the training flags refused all {len(self.refused)} trial(s) the "
+                            f"--space gave, e.g. {self.refused[0]}; narrow the --space or change the fixed flags")
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.signum = self.signum or signum
@@ -99,6 +109,7 @@ class Sweep:
             except UserError as exc:
                 self.study.tell(trial, state=self.optuna.trial.TrialState.FAIL)
                 print(f"trial {trial.number} {values}: not started: {exc}", flush=True)
+                self.refused.append(f"trial {trial.number} {values}: {exc}")
                 continue
             run.run_dir.mkdir(parents=True, exist_ok=True)
             run.slot = self.free_slot(runs)
@@ -109,6 +120,7 @@ class Sweep:
 
     def start(self, runs: list[TrialRun], resumed: bool = False) -> None:
         self.launcher.start(runs)
+        self.started += len(runs)
         for run in runs:
             self.running.append(run)
             self.save_trial_info(run, "running")

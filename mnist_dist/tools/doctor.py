@@ -3,9 +3,12 @@
 Reads what the ranks left there (``diagnostics/watchdog.py``): each rank's report (``rank-N.json``:
 stalls and failures, with the heartbeats it saw), its stack dumps (``rank-N.txt``: ours, with a
 header, and SIGUSR2's, without), and the Flight Recorder dumps (``fr_trace_rank_N``, NCCL's or ours
-for gloo) through torch's own reader. Prints a few lines (``--json``: the same as one JSON object).
-A run directory without ``debug/`` had nothing to report. No torch import unless there are Flight
-Recorder dumps; never a process group.
+for gloo), read as plain data only (``diagnostics/flight.py``: a dump that names a Python object is
+refused with one line, the rest is still reported) and matched by torch's own matcher. Prints a few
+lines (``--json``: the same as one JSON object). A run directory without ``debug/`` had nothing to
+report; a directory with none of config.json, debug/, metrics.jsonl, summary.json is not a run
+directory (one ``error:`` line, exit 2). No torch import unless there are Flight Recorder dumps;
+never a process group.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from ..diagnostics.stacks import describe, parse_dumps
 from ..errors import UserError
 from .arguments import add_location_args
 
+RUN_FILES = ("config.json", "debug", "metrics.jsonl", "summary.json")  # any of them: a run directory
+
 
 def _position(d: dict[str, Any]) -> str:
     if "epoch" not in d:
@@ -27,17 +32,21 @@ def _position(d: dict[str, Any]) -> str:
     return f"epoch {d['epoch']} step {d['step']} (global step {d['global_step']})"
 
 
-def _load(path: Path) -> Any:
+def _load(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def diagnose(run_dir: Path) -> dict[str, Any]:
     """Everything ``debug/`` says, per rank."""
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist")
+    if not any((run_dir / name).exists() for name in RUN_FILES):
+        raise UserError(f"{run_dir} is not an mnist-dist run directory (no config.json, debug/, metrics.jsonl "
+                        f"or summary.json)")
     debug = run_dir / "debug"
     config = _load(run_dir / "config.json") or {}
     reports = {int(p.stem.split("-")[1]): doc for p in sorted(debug.glob("rank-*.json"))
@@ -76,7 +85,7 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
 
         try:
             flight = summarize(debug)
-        except Exception as exc:  # noqa: BLE001 - a dump torch's reader cannot read is still worth a line
+        except Exception as exc:  # noqa: BLE001 - a dump that cannot be summarised is still worth a line
             flight = {"error": f"{type(exc).__name__}: {exc}"}
     return {"run_dir": str(run_dir), "world_size": world, "backend": config.get("backend"),
             "dist_timeout": (config.get("config") or {}).get("dist_timeout"),
@@ -129,7 +138,9 @@ def render(d: dict[str, Any]) -> list[str]:
         for c in fr["incomplete"][:3]:  # torch's matcher (when it can pair the ranks' records; --json has its error)
             if "seq" in c:
                 parts.append(f"{c['collective']} #{c['seq']} lacks ranks {c['missing_ranks']}")
-        lines.append("flight recorder (torch's reader): " + "; ".join(parts))
+        if parts:
+            lines.append("flight recorder (torch's reader): " + "; ".join(parts))
+        lines += [f"flight recorder: {line}" for line in fr.get("refused", [])]
     return lines
 
 
@@ -142,9 +153,11 @@ def doctor_command(argv: Sequence[str]) -> int:
     add_location_args(parser, run_dir=True, data_dir=False)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     args = parser.parse_args(argv)
-    result = diagnose(Path(args.run_dir))
-    if args.json:
-        print(json.dumps(result, default=str, sort_keys=True))
-    else:
-        print("\n".join(render(result)))
+    try:
+        result = diagnose(Path(args.run_dir))
+        text = json.dumps(result, default=str, sort_keys=True) if args.json else "\n".join(render(result))
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:  # a file not as we write it
+        raise UserError(f"{args.run_dir}: a file of this run directory is not as mnist-dist writes it "
+                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    print(text)
     return 0

@@ -19,18 +19,29 @@ from ..data.mnist import IMAGE_SIDE
 POLARITIES = ("auto", "light-on-dark", "dark-on-light")
 DIGIT_BOX = 20  # MNIST fits the digit into 20x20, then centres it by mass in 28x28
 INK_THRESHOLD = 0.2  # fraction of the stretched intensity range that counts as ink for the bounding box
+MAX_PIXELS = 64_000_000  # larger images are refused before decoding (a 64-megapixel photo decodes to 256 MB)
 
 
 class ImageError(Exception):
-    """This one file cannot be turned into a digit (unreadable, not an image, blank)."""
+    """This one file cannot be turned into a digit (unreadable, not an image, too large, blank)."""
 
 
 def read_grey(path: str | os.PathLike) -> torch.Tensor:
-    """The file as float luminance in [0, 1], shape [H, W]; transparency is flattened away."""
+    """The file as float luminance in [0, 1], shape [H, W]; transparency is flattened away. An image of
+    more than ``MAX_PIXELS`` is refused from its header, before it is decoded (a decompression bomb:
+    a small file whose header claims 30000x30000 pixels)."""
+    import warnings
+
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # PIL's own limit (~89 megapixels) only warns: an error here
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageError(f"too large: {img.width}x{img.height} pixels, more than "
+                                 f"{MAX_PIXELS // 1_000_000} megapixels (refused before decoding)")
             img = ImageOps.exif_transpose(img)
             img.load()
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -53,6 +64,8 @@ def read_grey(path: str | os.PathLike) -> torch.Tensor:
         raise ImageError("is a directory, not an image file") from None
     except UnidentifiedImageError:
         raise ImageError("not a readable image (PNG/JPEG expected)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"too large: {' '.join(str(exc).split())[:160]} (refused before decoding)") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"cannot read image: {' '.join(str(exc).split())[:160]}") from None
     if width == 0 or height == 0:
@@ -100,5 +113,5 @@ def to_mnist(grey: torch.Tensor, polarity: str = "auto") -> torch.Tensor:
 
 
 def load_digit(path: str | os.PathLike, polarity: str = "auto") -> torch.Tensor:
-    """An image file → [1, 28, 28] float in [0, 1], ready for ``model.pt2``."""
+    """An image file → [1, 28, 28] float in [0, 1], ready for the classifier (or ``model.pt2``)."""
     return to_mnist(read_grey(path), polarity)

@@ -21,10 +21,12 @@ def predict_command(argv: Sequence[str]) -> int:
 
     parser = argparse.ArgumentParser(
         prog="mnist-dist predict",
-        description="Predict the digit in each image file (PNG/JPEG, any size, colour or grey) with a "
-                    "run's model.pt2 (or model.pt). Images are converted the way MNIST was made: digit "
-                    "scaled into 20x20, centred by mass in 28x28, white on black. Prints one line per "
-                    "file: PATH<TAB>digit D<TAB>probability P. Exit 1 if any file failed.",
+        description="Predict the digit in each image file (PNG/JPEG, colour or grey, up to 64 megapixels) "
+                    "with the model rebuilt from the run's model.pt and config.json (model.pt2 is never "
+                    "loaded). Images are converted the way MNIST was made: digit scaled into 20x20, "
+                    "centred by mass in 28x28, white on black. Prints one line per file: "
+                    "PATH<TAB>digit D<TAB>probability P; a file that cannot be read gets one 'error: PATH: "
+                    "why' line and the others are still predicted. Exit 1 if any file failed.",
     )
     add_location_args(parser, run_dir=True, data_dir=False)
     parser.add_argument("--polarity", default="auto", choices=POLARITIES,
