@@ -223,6 +223,10 @@ def check_fields(cfg: TrainConfig, world_size: int = 1) -> None:
         for name in names:
             if not ok(getattr(cfg, name)):
                 raise UserError(f"{flag_name(name)} {what}, got {getattr(cfg, name)}")
+    # every float field must also be finite (+inf passes `> 0`); after the range checks, whose messages name NaN
+    for name in (f.name for f in dataclasses.fields(cfg) if f.type in ("float", float)):
+        if not abs(getattr(cfg, name)) < float("inf"):  # NaN and infinities fail
+            raise UserError(f"{flag_name(name)} must be a finite number, got {getattr(cfg, name)}")
     for name, choices in _CHOICES.items():
         if getattr(cfg, name) not in choices:
             raise UserError(f"{flag_name(name)} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")

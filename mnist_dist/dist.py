@@ -173,19 +173,84 @@ def adopt(rank: int, local_rank: int, world_size: int, local_world_size: int, de
 
 def join_process_group(backend: str, device: torch.device, rank: int, world_size: int,
                        timeout_s: float) -> None:
-    """init_process_group for a torchrun-launched process (both engines use it)."""
+    """init_process_group for a torchrun-launched process (both engines use it). A failed rendezvous is
+    one UserError; only it is caught here (a collective that fails later is the watchdog's: exit 4)."""
     import_before_process_group()
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = elastic_attempt_store(world_size, timeout)
-    dist.init_process_group(
-        backend=backend,
-        init_method=None if store is not None else "env://",
-        store=store,
-        rank=rank if store is not None else -1,
-        world_size=world_size if store is not None else -1,
-        timeout=timeout,
-        device_id=device if backend == "nccl" else None,
-    )
+    addr, port = await_rendezvous(rank, timeout_s)
+    with native_stderr_held():
+        try:
+            store = elastic_attempt_store(world_size, timeout)
+            dist.init_process_group(
+                backend=backend,
+                init_method=None if store is not None else "env://",
+                store=store,
+                rank=rank if store is not None else -1,
+                world_size=world_size if store is not None else -1,
+                timeout=timeout,
+                device_id=device if backend == "nccl" else None,
+            )
+        except (RuntimeError, ValueError) as exc:  # DistNetworkError, DistStoreError, gloo's RuntimeError
+            teardown()
+            what = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0].rstrip('.')}"
+            hint = (f"MASTER_PORT {port} is already in use on this machine: pick a free port" if "EADDRINUSE" in
+                    what else f"waited up to --dist-timeout {timeout_s:g} s; check that every rank has the same "
+                    f"MASTER_ADDR, MASTER_PORT and WORLD_SIZE and its own RANK, and that the port is open")
+            raise UserError(f"cannot create the process group at {addr}:{port}: {what}; {hint}") from None
+
+
+def await_rendezvous(rank: int, timeout_s: float) -> tuple[str, int]:
+    """MASTER_ADDR:MASTER_PORT, checked: a port, a name that resolves, a connection (but for env://'s rank 0, which
+    makes the store), retried for ``timeout_s``; else one UserError, where torch logs each try with a C++ stack."""
+    import socket
+    import time
+    addr, raw = os.environ.get("MASTER_ADDR", "").strip(), os.environ.get("MASTER_PORT", "")
+    port = int(raw) if raw.strip().isdigit() else -1
+    if not addr or not 1 <= port <= 65535:
+        bad = f"MASTER_PORT={raw!r} is not a TCP port (1-65535)" if addr else "MASTER_ADDR is empty"
+        raise UserError(f"{bad}; set MASTER_ADDR and MASTER_PORT to rank 0's host and a free port there, the "
+                        f"same on every rank (MASTER_ADDR={addr!r})")
+    connect = rank != 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.getaddrinfo(addr, port)
+            if connect:
+                socket.create_connection((addr, port), min(5.0, max(0.1, deadline - time.monotonic()))).close()
+            return addr, port
+        except socket.gaierror as exc:
+            problem = f"MASTER_ADDR does not resolve ({exc.strerror}); check its spelling and DNS"
+        except OSError as exc:
+            problem = (f"{exc.strerror or exc}; check that rank 0 is running, that every rank has the same "
+                       f"MASTER_ADDR and MASTER_PORT, and that no firewall blocks the port")
+        if time.monotonic() >= deadline:
+            raise UserError(f"cannot reach the rendezvous at {addr}:{port} (MASTER_ADDR:MASTER_PORT) within "
+                            f"--dist-timeout {timeout_s:g} s: {problem}")
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def native_stderr_held() -> Iterator[None]:
+    """File descriptor 2 into a temporary file while the group is created, written out after, unless a
+    UserError replaced it: c10d logs each failed connection try with a C++ stack before raising."""
+    import shutil
+    import sys
+    import tempfile
+    sys.stderr.flush()
+    saved, held = os.dup(2), tempfile.TemporaryFile()
+    os.dup2(held.fileno(), 2)
+    try:
+        yield
+    except UserError:
+        held.truncate(0)
+        raise
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        held.seek(0)
+        with held, open(os.dup(2), "wb") as out:
+            shutil.copyfileobj(held, out)
 
 
 def import_before_process_group() -> None:
