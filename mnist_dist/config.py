@@ -76,6 +76,8 @@ class TrainConfig:
     checkpoint_every: int = _f(0, "also checkpoint every N optimizer steps (0: only at epoch ends and on a stop signal)")
     keep: int = _f(3, "keep the newest K checkpoints in <out-dir>/checkpoints (0 keeps all)")
     resume: str = _f("", "auto (newest complete checkpoint in --out-dir, else start fresh) or a checkpoint PATH")
+    overwrite: bool = _f(False, "replace the run in a non-empty --out-dir (its files are deleted); without it, "
+                                "and without --resume, a non-empty --out-dir is refused")
     stop_check_every: int = _f(10, "optimizer steps between the ranks' agreement on a stop signal (one all_reduce)")
     # --- tracking, pictures, export (mnist_dist/outputs/tracking.py, plots.py, export.py) ---
     wandb: bool = _f(False, "log to Weights & Biases from global rank 0 (needs the `track` extra)")

@@ -131,15 +131,25 @@ def setup_engine(cfg: TrainConfig):
 
 
 def run_training(argv: Sequence[str]) -> int:
-    """parse -> validate -> set up the engine -> fit -> tear down (also on error)."""
+    """parse -> validate -> set up the engine -> fit -> tear down (also on error). From the first line
+    after parsing, SIGUSR2 dumps the stacks and SIGTERM/SIGINT end the start-up at once (exit 3)."""
+    from .diagnostics.dumps import StackDumps
+    from .dist import launcher_world
+    from .stopping import StartupStop
     from .train import fit
 
     cfg = parse_train_args(argv)
-    engine = setup_engine(cfg)
+    dumps = StackDumps.start(cfg.out_dir, launcher_world()[0])
+    startup = StartupStop.install([lambda: mark_stopped(StopTraining(0, None)), dumps.close])
     try:
-        fit(cfg, engine)  # ends with the ranks' last barrier
+        engine = setup_engine(cfg)
+        try:
+            fit(cfg, engine, dumps=dumps, startup=startup)  # ends with the ranks' last barrier
+        finally:
+            engine.teardown()
     finally:
-        engine.teardown()
+        startup.end()
+        dumps.close()
     return 0
 
 
@@ -215,6 +225,10 @@ def guarded(func: Callable[[], int | None]) -> int:
         for i, line in enumerate(str(exc).splitlines()):
             print(f"{rank_prefix()}{'error: ' if i == 0 else '  '}{line}", file=sys.stderr, flush=True)
         return EXIT_RANK_FAILURE
+    except OSError as exc:  # a full disk, an unwritable or vanished file: name the file and the cause
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{rank_prefix()}error: {where}{exc.strerror or exc}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"{rank_prefix()}interrupted", file=sys.stderr, flush=True)
         return 130

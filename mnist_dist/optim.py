@@ -32,6 +32,11 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     optimizer.load_state_dict(state)
     for group, keep in zip(optimizer.param_groups, chosen):
         group.update(keep)
+        for param in group["params"]:  # torch checks the groups' sizes, not the moments' shapes
+            for name, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(f"optimizer state {name!r} has shape {tuple(value.shape)}, its parameter "
+                                     f"{tuple(param.shape)}")
 
 
 def rewind_schedule(scheduler, steps: int) -> None:

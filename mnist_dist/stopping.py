@@ -8,6 +8,11 @@ On CUDA the mid-epoch checks cost no pipeline drain: the flag lives on the devic
 the signal number as a kernel argument, no host->device copy) and each check acts on the previous
 check's agreement (``LaggedRead``), so a stop lands one check later. Epoch ends read it at once.
 
+Before the loop, from the first line of the entry point, ``StartupStop`` ends the process at once on
+SIGTERM or SIGINT (exit 3, one line, nothing left behind), even while the main thread is blocked in
+a rendezvous: Python's C-level handler writes the signal number to a pipe (``signal.set_wakeup_fd``)
+that a thread waits on. There is nothing to checkpoint yet.
+
 Only a run on its process's main thread installs handlers (Python allows no other). Ray Train runs
 the training function on a thread of its worker actor: there, signals are Ray's business (it
 restarts or stops the worker group) and the flag is simply never set.
@@ -16,14 +21,18 @@ restarts or stops the worker group) and the flag is simply never set.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
+from .console import rank_prefix
 from .dist import DistEnv
+from .errors import EXIT_STOPPED
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -74,3 +83,46 @@ def signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
+
+
+class StartupStop:
+    def __init__(self, cleanups: list[Callable[[], Any]]) -> None:
+        self.cleanups = cleanups  # run last-added first when a signal ends the start-up
+        self._write_fd: int | None = None
+        self._stderr = -1
+        self._previous: dict[int, Any] = {}
+
+    @classmethod
+    def install(cls, cleanups: list[Callable[[], Any]]) -> "StartupStop":
+        stop = cls(cleanups)
+        if threading.current_thread() is threading.main_thread():
+            stop._stderr = os.dup(2)  # the terminal's, even if fd 2 is redirected meanwhile (dist.py holds it)
+            read_fd, stop._write_fd = os.pipe()
+            os.set_blocking(stop._write_fd, False)
+            stop._previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+            signal.set_wakeup_fd(stop._write_fd, warn_on_full_buffer=False)
+            threading.Thread(target=stop._wait, args=(read_fd,), name="mnist-dist-startup-stop", daemon=True).start()
+        return stop
+
+    def _wait(self, read_fd: int) -> None:
+        with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+            while data := pipe.read(1):  # empty: ``end`` closed the pipe
+                if data[0] in self._previous:
+                    os.write(self._stderr, f"{rank_prefix()}stopped by signal {signal_name(data[0])} during "
+                                           f"start-up, before training: nothing to checkpoint\n".encode())
+                    for cleanup in reversed(self.cleanups):
+                        with contextlib.suppress(Exception):
+                            cleanup()
+                    sys.stdout.flush()
+                    os._exit(EXIT_STOPPED)
+
+    def end(self) -> None:
+        """The loop takes over (its stop signals checkpoint); the previous handlers come back."""
+        if self._write_fd is None:
+            return
+        signal.set_wakeup_fd(-1)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        os.close(self._write_fd)
+        os.close(self._stderr)
+        self._write_fd = None

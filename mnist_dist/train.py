@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,13 +34,16 @@ from .stopping import signal_name
 from .trainer import Trainer, train_step
 
 
-def fit(cfg: TrainConfig, engine: Engine, callbacks: list[Callback] | None = None) -> dict[str, Any]:
-    """The run; returns summary.json's content. ``callbacks``: a launcher's own observers (Ray's)."""
+def fit(cfg: TrainConfig, engine: Engine, callbacks: list[Callback] | None = None, dumps: Any = None,
+        startup: Any = None) -> dict[str, Any]:
+    """The run; returns summary.json's content. ``callbacks``: a launcher's own observers (Ray's);
+    ``dumps``, ``startup``: the entry point's stack dumps and start-up stop (``entry.run_training``)."""
     env = engine.env
     cfg.out_dir = broadcast_object(cfg.out_dir, env)  # ranks may have made different default names
-    with watch_ranks(cfg, env) as watchdog:  # a lost rank is named; stacks on SIGUSR2
-        run = RunDir(cfg.out_dir, enabled=env.is_main)
-        run.create()
+    # a lost rank is named, stacks on SIGUSR2; the directory is this run's alone until it ends
+    with watch_ranks(cfg, env, dumps) as watchdog, RunDir.open(cfg, env) as run:
+        if startup is not None:
+            startup.cleanups.append(run.close)
         network = check_network(cfg, env)
         trainer = Trainer.build(cfg, engine)
         checkpoints = Checkpoints(cfg, env)
@@ -49,19 +53,21 @@ def fit(cfg: TrainConfig, engine: Engine, callbacks: list[Callback] | None = Non
         trainer.position.joined_at(env.world_size)
         watchdog.watch(trainer.position)
         meta = run_metadata(trainer, resumed_from, network)
-        run.write_config(meta)
-        observers = start_observers(cfg, trainer, meta, resumed_from, callbacks or [])
-        checkpoints.on_saved = observers.on_checkpoint
-        if any(name in os.environ for name in ("MNIST_DIST_FAULT", "MNIST_DIST_INDEX_LOG")):
-            from . import faults  # the tests' instruments
-
-            faults.install(trainer, checkpoints, observers)
-        log(env, f"run dir {cfg.out_dir}: model {cfg.model} ({meta['parameters']:,} parameters), world size "
-                 f"{env.world_size}, {env.device}, backend {env.backend or 'none'}, amp {trainer.precision.name}, "
-                 f"global batch {cfg.batch_size}")
-        trainer.warm_up(cfg.warmup_steps)  # untimed; the state put back after
-        test = None
+        if startup is not None:
+            startup.end()  # from here a stop signal is the loop's: a checkpoint at the next check
         with trainer.stop.installed():
+            run.write_config(meta)
+            observers = start_observers(cfg, trainer, meta, resumed_from, callbacks or [])
+            checkpoints.on_saved = observers.on_checkpoint
+            if any(name in os.environ for name in ("MNIST_DIST_FAULT", "MNIST_DIST_INDEX_LOG")):
+                from . import faults  # the tests' instruments
+
+                faults.install(trainer, checkpoints, observers)
+            log(env, f"run dir {cfg.out_dir}: model {cfg.model} ({meta['parameters']:,} parameters), world size "
+                     f"{env.world_size}, {env.device}, backend {env.backend or 'none'}, amp "
+                     f"{trainer.precision.name}, global batch {cfg.batch_size}")
+            trainer.warm_up(cfg.warmup_steps)  # untimed; the state put back after
+            test = None
             while not trainer.finished:
                 test = train_epoch(trainer, run, checkpoints, observers)
         test = test or trainer.evaluate()  # resumed after the last epoch
@@ -171,16 +177,19 @@ def progress_bar(trainer: Trainer) -> tqdm:
                 leave=False, dynamic_ncols=True, disable=not shown)
 
 
-def watch_ranks(cfg: TrainConfig, env: DistEnv):
+def watch_ranks(cfg: TrainConfig, env: DistEnv, dumps: Any = None):
     """Under a process group the watchdog (a lost rank is named, stalls are dumped); in one process
-    only the stack dumps on SIGUSR2."""
+    only the stack dumps on SIGUSR2. ``dumps``: already armed, in the run directory agreed on."""
+    from .diagnostics.dumps import StackDumps
+
+    if dumps is not None and dumps.out_dir != Path(cfg.out_dir):  # this rank's default name lost
+        dumps.close()
+        dumps = None
     if env.distributed:
         from .diagnostics.watchdog import Watchdog
 
-        return Watchdog.start(cfg, env)
-    from .diagnostics.dumps import StackDumps
-
-    return StackDumps.start(cfg.out_dir, env.rank)
+        return Watchdog.start(cfg, env, dumps)
+    return dumps or StackDumps.start(cfg.out_dir, env.rank)
 
 
 def check_network(cfg: TrainConfig, env: DistEnv) -> dict[str, Any] | None:

@@ -296,17 +296,18 @@ def test_version_1_checkpoints_resume_and_newer_ones_are_refused(small_mnist, tm
     straight = weights(out)
     path = out / "checkpoints" / "step-00000010.pt"
     state = torch.load(path, weights_only=True)
-    assert state["version"] == 2 and state["epoch_samples"] == 10 * 256 and state["world_sizes"] == [1]
-    # the format before version 2: the same keys without what version 2 added
-    old = {k: v for k, v in state.items() if k not in ("epoch_samples", "world_sizes", "grad_accum", "precision")}
-    old["version"] = 1
-    v1 = tmp_path / "v1.pt"
-    torch.save(old, v1)
-    ok(cli(*flags(small_mnist, tmp_path / "from-v1", *common, "--resume", str(v1))[1:]))
-    resumed = weights(tmp_path / "from-v1")
-    assert all(torch.equal(straight[k], resumed[k]) for k in straight), "a v1 checkpoint resumes exactly"
-    newer = tmp_path / "v3.pt"
-    torch.save({**state, "version": 3}, newer)
-    proc = cli(*flags(small_mnist, tmp_path / "from-v3", *common, "--resume", str(newer))[1:])
+    assert state["version"] == 3 and state["epoch_samples"] == 10 * 256 and state["world_sizes"] == [1]
+    assert len(state["sha256"]) == 64
+    # the formats before: version 2 had no checksum; version 1 also lacked what version 2 added
+    v2 = {k: v for k, v in state.items() if k != "sha256"}
+    v1 = {k: v for k, v in v2.items() if k not in ("epoch_samples", "world_sizes", "grad_accum", "precision")}
+    for version, old in ((1, v1), (2, v2)):
+        torch.save({**old, "version": version}, tmp_path / f"v{version}.pt")
+        ok(cli(*flags(small_mnist, tmp_path / f"from-v{version}", *common, "--resume", str(tmp_path / f"v{version}.pt"))[1:]))
+        resumed = weights(tmp_path / f"from-v{version}")
+        assert all(torch.equal(straight[k], resumed[k]) for k in straight), f"a v{version} checkpoint resumes exactly"
+    newer = tmp_path / "v4.pt"
+    torch.save({**state, "version": 4}, newer)
+    proc = cli(*flags(small_mnist, tmp_path / "from-v4", *common, "--resume", str(newer))[1:])
     assert proc.returncode == 2
-    assert_one_line_error(proc, "has format version 3, newer than this mnist-dist reads (1..2)")
+    assert_one_line_error(proc, "has format version 4, newer than this mnist-dist reads (1..3)")

@@ -90,7 +90,10 @@ LAYERS = (
     ("entry", "cli", "tools", "launchers", "sweep", "preflight", "__main__", ""),
 )
 # Ceilings of the core path (``python train_ddp.py --max-steps 30``, coverage.py): it may not regrow.
-MAX_CORE_STATEMENTS, MAX_CORE_MODULES = 1350, 30
+# 1,350 when the layout was made (1,337 then); raised once, to 1,500, for what every run must now do to
+# keep its run directory safe (its claim on the directory, checkpoint checksums, signals from the first
+# line: +142 statements, 1,479 then; docs/code-map.md itemises them). Raise it again only that way.
+MAX_CORE_STATEMENTS, MAX_CORE_MODULES = 1500, 30
 MAX_FUNCTION_LINES, MAX_MODULE_LINES = 60, 350
 
 

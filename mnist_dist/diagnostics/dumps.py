@@ -37,10 +37,14 @@ class StackDumps:
             notice(f"no stack dumps for rank {rank}: cannot write {dumps.txt} ({exc.strerror})")
             return dumps
         faulthandler.register(signal.SIGUSR2, file=dumps.fh, all_threads=True, chain=False)
-        if fatal and not faulthandler.is_enabled():
-            faulthandler.enable(file=dumps.fh, all_threads=True)
-            dumps._fatal = True
-        return dumps
+        return dumps.enable_fatal() if fatal else dumps
+
+    def enable_fatal(self) -> "StackDumps":
+        """Fatal signals (SIGABRT, SIGSEGV) dump the stacks here too."""
+        if self.fh is not None and not faulthandler.is_enabled():
+            faulthandler.enable(file=self.fh, all_threads=True)
+            self._fatal = True
+        return self
 
     def watch(self, position: Any) -> None:
         """(The watchdog follows the run's position; one process has no peers to tell.)"""

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import RankFailure, StopTraining
+from ..errors import EXIT_RANK_FAILURE, RankFailure, StopTraining
 from . import flight
 from .dumps import StackDumps
 from .heartbeat import HeartbeatStore, classify, heartbeat_interval
@@ -80,6 +80,8 @@ class Watchdog:
         self.events: list[dict[str, Any]] = []
         self.identity = {"rank": env.rank, "pid": os.getpid(), "host": socket.gethostname()}
         self.attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        # torchrun's agent is this process's parent: when it dies the rank is re-parented
+        self.launcher = os.getppid() if "TORCHELASTIC_RESTART_COUNT" in os.environ else None
         self.dumps = StackDumps(cfg.out_dir, env.rank)  # kill -USR2, fatal signals: stacks in rank-N.txt
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -87,14 +89,15 @@ class Watchdog:
 
     # ------------------------------------------------------------------ life cycle
     @classmethod
-    def start(cls, cfg: Any, env: Any) -> "Watchdog":
+    def start(cls, cfg: Any, env: Any, dumps: StackDumps | None = None) -> "Watchdog":
+        """``dumps``: the entry point's, armed since its first line."""
         watchdog = cls(cfg, env)
         try:
             previous = json.loads(watchdog.json.read_text()) if watchdog.json.is_file() else {}
             watchdog.events = list(previous.get("events", []))  # an earlier attempt's (restart, --resume)
         except (OSError, ValueError):
             pass
-        watchdog.dumps = StackDumps.start(cfg.out_dir, env.rank, fatal=True)
+        watchdog.dumps = dumps.enable_fatal() if dumps else StackDumps.start(cfg.out_dir, env.rank, fatal=True)
         if watchdog.dumps.fh is None:
             return watchdog
         flight.point_dumps_at(str(watchdog.out_dir))
@@ -169,6 +172,8 @@ class Watchdog:
         next_beat = since + self.interval
         stalled = False
         while not self._stop.wait(min(0.5, self.interval)):
+            if self.launcher is not None and os.getppid() != self.launcher:
+                self.launcher_gone()
             frames = thread_frames()
             sample = (tuple(self.position().values()), describe(frames))
             now = time.monotonic()
@@ -180,6 +185,13 @@ class Watchdog:
             if now >= next_beat:
                 self._publish(frames)
                 next_beat = now + self.interval
+
+    def launcher_gone(self) -> None:
+        """torchrun's agent died (SIGKILL): end this rank now, with no checkpoint collective (it could
+        hang) and no stop file, so that nothing writes into the run directory after its launcher."""
+        print(f"[rank {self.env.rank}] error: the launcher (torchrun, pid {self.launcher}) is gone: this rank "
+              f"stops without a checkpoint; continue with --resume auto", file=sys.stderr, flush=True)
+        os._exit(EXIT_RANK_FAILURE)
 
     # ------------------------------------------------------------------ dumps and reports
     def _write(self, text: str, stacks: bool = True) -> None:

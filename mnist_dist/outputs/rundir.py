@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import json
 import os
 import sys
@@ -52,6 +53,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         fsync(tmp)
         os.replace(tmp, path)
         fsync(path.parent)
+    except OSError as exc:  # name the file meant, not its temporary name
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -80,17 +83,43 @@ class RunDir:
     def __init__(self, path: str | os.PathLike, enabled: bool) -> None:
         self.path = Path(path)
         self.enabled = enabled
+        self.owner: Any = None  # owner.Owner: rank 0's claim on the directory
 
-    def create(self) -> None:
-        if not self.enabled:
-            return
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
-            raise UserError(f"cannot write to --out-dir {self.path}: {exc.strerror or exc}") from None
+    @classmethod
+    def open(cls, cfg: Any, env: Any) -> "RunDir":
+        """Rank 0 creates ``--out-dir`` and claims it for the run's life (``owner.py``: one run per
+        directory; a non-empty one only with --resume or --overwrite); every rank gets the same answer
+        or the same error. A collective; ``close`` gives the claim up."""
+        from ..dist import broadcast_object
+        from .owner import RESTART_WAIT, Owner, check_unused
+
+        run, error = cls(cfg.out_dir, enabled=env.is_main), None
+        if env.is_main:
+            try:
+                run.path.mkdir(parents=True, exist_ok=True)
+                run.owner = Owner.claim(cfg.out_dir, wait=RESTART_WAIT if cfg.resume == "auto" else 0)
+                if not cfg.resume:
+                    check_unused(cfg.out_dir, cfg.overwrite)
+            except UserError as exc:
+                run.close()
+                error = str(exc)
+            except OSError as exc:  # the claim is the first file written: an unwritable directory
+                error = f"cannot write to --out-dir {run.path}: {exc.strerror or exc}"
+        error = broadcast_object(error, env)
+        if error:
+            raise UserError(error)
+        return run
+
+    def close(self) -> None:
+        if self.owner is not None:
+            self.owner.release()
+            self.owner = None
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def write_config(self, config: dict[str, Any]) -> None:
         if self.enabled:
@@ -145,8 +174,9 @@ class RunDir:
         from ..models import clean_state_dict
 
         state = clean_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        with atomic_path(self.path / WEIGHTS_FILE) as tmp:
-            torch.save(state, tmp)
+        buffer = io.BytesIO()  # serialised first: a full disk is then an OSError naming the file
+        torch.save(state, buffer)
+        atomic_write_bytes(self.path / WEIGHTS_FILE, buffer.getvalue())
 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
