@@ -11,7 +11,8 @@ Checks (each row says PASS/FAIL and why):
     stop flag);
   * bf16 AMP and fp16 AMP runs: finite train/test loss, GradScaler enabled for fp16 (scale reported),
     test accuracy >= 99% after the default recipe's one epoch;
-  * NCCL at world size 1: ``torchrun --standalone --nproc_per_node=1 train_ddp.py --backend nccl``.
+  * NCCL at world size 1: ``torchrun --standalone --nproc_per_node=1 train_ddp.py --backend nccl``,
+    under the ddp engine and under ``--engine fsdp2`` (bf16 through FSDP2's MixedPrecisionPolicy).
 Figures (each a real ``train_ddp.py`` process):
   * time to 99% test accuracy, training loop only after ``--warmup-steps`` untimed steps (evaluation
     every 10 steps, clock paused), and end to end (process launch -> the evaluation that first
@@ -61,6 +62,11 @@ def plan(dry_run: bool, skip_compile: bool) -> list[Job]:
             expect={"amp": "fp16", "grad_scaler_enabled": True}),
         Job("fast eager bf16, torchrun nccl x1", [*fast, "--amp", "bf16", "--backend", "nccl"], nproc=1,
             min_accuracy=0.99, expect={"backend": "nccl", "world_size": 1}),
+        # the same run under --engine fsdp2: fully_shard over a one-GPU mesh, bf16 by FSDP2's
+        # MixedPrecisionPolicy (bf16 parameters and all-gathers, fp32 gradient reduction) instead of autocast
+        Job("fast eager bf16, fsdp2 torchrun nccl x1", [*fast, "--amp", "bf16", "--backend", "nccl", "--engine",
+                                                        "fsdp2"], nproc=1, min_accuracy=0.99,
+            expect={"backend": "nccl", "world_size": 1, "amp": "bf16"}),
         Job("fast eager bf16 channels_last", [*fast, "--amp", "bf16", "--channels-last"], min_accuracy=0.99),
         Job("fast compiled bf16", [*fast, "--amp", "bf16", "--compile"], min_accuracy=0.99),
         Job("fast compiled bf16 cudagraphs", [*fast, "--amp", "bf16", "--compile", "--compile-mode",

@@ -19,22 +19,24 @@ import hashlib
 import io
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
 
-from .config import TrainConfig
+from .config import TrainConfig, check_resume_compatible
 from .console import log, warn
 from .dist import DistEnv, all_reduce_sum, broadcast_object, checked_barrier, gather_objects
 from .errors import UserError
+from .models import clean_state_dict
 from .outputs.rundir import atomic_path
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT = "mnist-dist-checkpoint"
 VERSION = 3  # 2: world-size-free data position (epoch_samples), world_sizes, grad_accum; 3: sha256
 OLDEST_VERSION = 1  # still resumes: versions 2 and 3 only added keys
-_NAME = re.compile(r"^step-(\d{8})\.pt$")
+_NAME = re.compile(r"^step-(\d{8})(\.pt)?$")  # a file (full format) or a directory (dcp)
 # the keys every version has, and the type each must have
 REQUIRED_KEYS = {"format": str, "version": int, "model": dict, "optimizer": dict, "scheduler": dict, "scaler": dict,
                  "epoch": int, "step_in_epoch": int, "global_step": int, "rng": list, "config": dict,
@@ -79,8 +81,8 @@ def checkpoint_dir(out_dir: str | os.PathLike) -> Path:
     return Path(out_dir) / CHECKPOINT_DIR
 
 
-def checkpoint_path(out_dir: str | os.PathLike, global_step: int) -> Path:
-    return checkpoint_dir(out_dir) / f"step-{global_step:08d}.pt"
+def checkpoint_path(out_dir: str | os.PathLike, global_step: int, sharded: bool = False) -> Path:
+    return checkpoint_dir(out_dir) / f"step-{global_step:08d}{'' if sharded else '.pt'}"
 
 
 def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
@@ -116,25 +118,28 @@ def save(out_dir: str | os.PathLike, state: dict[str, Any], keep: int,
 def prune(out_dir: str | os.PathLike, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints, and temporary files left by crashed writers."""
     folder = checkpoint_dir(out_dir)
-    for stale in folder.glob(".step-*.pt.tmp-*"):
+    for stale in [*folder.glob(".step-*.pt.tmp-*"), *folder.glob(".step-*.dcp-tmp")]:
         if not stale.name.endswith(f".tmp-{os.getpid()}.pt"):
-            stale.unlink(missing_ok=True)
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     if keep > 0:
         for old in list_checkpoints(out_dir)[:-keep]:
-            old.unlink(missing_ok=True)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
 
 
 def load(path: str | os.PathLike, map_location: torch.device | str = "cpu") -> dict[str, Any]:
     """Load and check a checkpoint. A file that cannot be read raises ``UnreadableCheckpoint``; one
     that is not a sound checkpoint (format, checksum, types) ``CorruptCheckpoint``; both name the file."""
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"checkpoint {path} is a directory; pass a checkpoint file (DIR/checkpoints/step-*.pt), "
+    sharded = path.is_dir() and any((path / name).exists() for name in ("checksums.json", "run.pt"))
+    if path.is_dir() and not sharded:
+        raise UserError(f"checkpoint {path} is a directory but no checkpoint; pass DIR/checkpoints/step-*, "
                         f"or --resume auto --out-dir DIR")
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        data = path.read_bytes()
+        data = read_sharded_run(path) if sharded else path.read_bytes()
+    except ValueError as exc:
+        raise CorruptCheckpoint(f"checkpoint {path} is corrupt: {exc}") from None
     except OSError as exc:
         raise UnreadableCheckpoint(f"cannot read checkpoint {path}: {exc.strerror or exc}; nothing was deleted "
                                    f"(fix the file's access, then run again)") from None
@@ -143,7 +148,13 @@ def load(path: str | os.PathLike, map_location: torch.device | str = "cpu") -> d
     except Exception as exc:
         raise CorruptCheckpoint(f"checkpoint {path} is corrupt or truncated: {load_failure(exc)}") from None
     check_state(path, state)
-    return state
+    return {**state, "dcp": str(path)} if sharded else state
+
+
+def read_sharded_run(path: Path) -> bytes:
+    from . import dcp  # torch.distributed.checkpoint: imported by the runs that use it
+
+    return dcp.read_run(path)
 
 
 def load_failure(exc: Exception) -> str:
@@ -192,15 +203,6 @@ def newest_loadable(out_dir: str | os.PathLike) -> Path | None:
 
 
 # ----------------------------------------------------------------------------- resumes and saves
-# Training flags that must not change between a checkpoint and its resume.
-# --channels-last, --compile and --sync-bn change the floating-point order: a resume that changed them
-# could not be bitwise the run it continues. World size, nodes, --grad-accum, --amp and --engine may
-# change (elastic restarts, another GPU type).
-RESUME_KEYS = ("model", "batch_size", "epochs", "max_steps", "lr", "optimizer", "betas", "schedule", "seed",
-               "normalize", "label_smoothing", "weight_decay", "grad_clip", "augment", "aug_degrees",
-               "aug_shift", "aug_scale", "channels_last", "compile", "sync_bn")
-
-
 class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -215,6 +217,12 @@ class Checkpoints:
         self.cfg, self.env = cfg, env
         self.on_saved: Callable[[str | None, dict[str, Any]], None] | None = None  # callbacks.on_checkpoint
         self.before_rename: Callable[[int], None] | None = None  # a test hook (faults.py)
+        self.pending = self.group = None  # --async-checkpoint: the save in flight (dcp.Pending), its process group
+        if cfg.checkpoint_format == "dcp":
+            from . import dcp  # torch.distributed.checkpoint: imported by the runs that use it
+
+            dcp.check_shared_storage(cfg.out_dir, env)
+            self.group = dcp.background_group(env) if cfg.async_checkpoint else None
 
     def due(self, global_step: int) -> bool:
         every = self.cfg.checkpoint_every
@@ -226,6 +234,9 @@ class Checkpoints:
         env = self.env
         checked_barrier(env, self.cfg.dist_timeout)  # names the ranks that did not come
         state = trainer.state_dict()
+        metrics = metrics if metrics is not None else {k: state[k] for k in ("epoch", "step_in_epoch", "global_step")}
+        if self.cfg.checkpoint_format == "dcp":
+            return self.save_sharded(trainer, state, metrics)
         rngs = gather_objects(state["rng"], env)
         sums = all_reduce_sum(state["train_sums"].clone(), env)
         path = None
@@ -234,8 +245,38 @@ class Checkpoints:
             path = str(save(self.cfg.out_dir, full, self.cfg.keep, self.before_rename))
         env.barrier()
         if self.on_saved is not None:
-            self.on_saved(path, metrics if metrics is not None else {
-                k: state[k] for k in ("epoch", "step_in_epoch", "global_step")})
+            self.on_saved(path, metrics)
+        return path
+
+    def save_sharded(self, trainer: Any, state: dict[str, Any], metrics: dict[str, Any]) -> str | None:
+        """``--checkpoint-format dcp``: every rank writes its shards (``dcp.py``); with
+        ``--async-checkpoint`` the write overlaps the next steps and is finished by the next save,
+        a stop or the run's end (``finish``). Returns the directory on rank 0 once it is complete."""
+        from . import dcp
+
+        self.finish()  # one save in flight at most
+        run = dcp.reduce_run_state(state, self.env)
+        if run is not None:  # rank 0: the run state, in the full format's shape (run.pt)
+            run = {"format": FORMAT, "version": VERSION, **run, "model": {}, "optimizer": {}}
+        final = checkpoint_path(self.cfg.out_dir, state["global_step"], sharded=True)
+        self.pending = dcp.start_save(final, trainer.model, trainer.optimizer, run, self.env,
+                                      self.cfg.async_checkpoint, self.group)
+        self.pending.metrics = metrics
+        return None if self.cfg.async_checkpoint else self.finish()
+
+    def finish(self) -> str | None:
+        """Complete the save in flight, if any (a collective): checksums, rename, rotation, observers."""
+        if self.pending is None:
+            return None
+        from . import dcp
+
+        pending, self.pending = self.pending, None
+        path = str(dcp.finish_save(pending, self.env, content_digest, self.before_rename))
+        if self.env.is_main:
+            prune(self.cfg.out_dir, self.cfg.keep)
+        path = path if self.env.is_main else None
+        if self.on_saved is not None:
+            self.on_saved(path, pending.metrics)
         return path
 
     def resume(self, trainer: Stateful) -> str | None:
@@ -287,6 +328,11 @@ class Checkpoints:
                 "train_sums": full["train_sums"] if env.is_main else torch.zeros_like(full["train_sums"])}
         note, error = "", None
         try:
+            if full.get("dcp"):  # the model and optimizer from every rank's shards, resharded
+                from . import dcp
+
+                dcp.load_model_and_optimizer(Path(full["dcp"]), trainer.model, trainer.optimizer)
+                mine.update(model=clean_state_dict(trainer.model.state_dict()), optimizer=trainer.optimizer.state_dict())
             note = trainer.load_state_dict(mine)
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             error = " ".join(str(exc).split())[:300] or type(exc).__name__
@@ -296,18 +342,3 @@ class Checkpoints:
         log(env, f"resumed from {source} at epoch {full['epoch'] + 1} step {full['step_in_epoch']} "
                  f"(global step {full['global_step']}){'; ' + note if note else ''}")
         return None
-
-
-def check_resume_compatible(cfg: TrainConfig, state: dict[str, Any], source: str) -> None:
-    """The flags that shape the math must match; world size, nodes, --grad-accum, --amp may change
-    (the data position is world-size free: a mid-epoch checkpoint resumes at any world size)."""
-    saved = state["config"]
-    now = cfg.to_json()  # as config.json writes it (betas as a list)
-    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != now[k]]
-    if changed:
-        detail = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {now[k]})" for k in changed)
-        raise UserError(f"checkpoint {source} was written with {detail}; resume with the same training flags")
-    samples = state.get("epoch_samples")
-    if samples is not None and samples != int(state["step_in_epoch"]) * cfg.batch_size:
-        raise UserError(f"checkpoint {source} is inconsistent: {samples} samples into the epoch is not "
-                        f"{state['step_in_epoch']} global batches of {cfg.batch_size}")

@@ -51,6 +51,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "doctor": _tool("doctor", "doctor_command"),
     "ray": _tool("ray_train", "main", package="launchers"),  # Ray Train: launchers/ray_train.py
     "sweep": _tool("command", "sweep_command", package="sweep"),  # Optuna: the `sweep` extra
+    "checkpoint": _tool("convert", "checkpoint_command"),  # convert between the checkpoint formats
 }
 
 

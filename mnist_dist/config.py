@@ -75,6 +75,11 @@ class TrainConfig:
     # --- checkpoints and fault tolerance ---
     checkpoint_every: int = _f(0, "also checkpoint every N optimizer steps (0: only at epoch ends and on a stop signal)")
     keep: int = _f(3, "keep the newest K checkpoints in <out-dir>/checkpoints (0 keeps all)")
+    checkpoint_format: str = _f("full", "full: one file, rank 0 writes the gathered state | dcp: a directory, every "
+                                        "rank writes its shards (torch.distributed.checkpoint; needs storage "
+                                        "every rank sees; resumes at any world size)")
+    async_checkpoint: bool = _f(False, "--checkpoint-format dcp: write in the background, the next steps overlapping "
+                                       "the write (one save in flight)")
     resume: str = _f("", "auto (newest complete checkpoint in --out-dir, else start fresh) or a checkpoint PATH")
     overwrite: bool = _f(False, "replace the run in a non-empty --out-dir (its files are deleted); without it, "
                                 "and without --resume, a non-empty --out-dir is refused")
@@ -126,7 +131,12 @@ class TrainConfig:
     # --- engine ---
     engine: str = _f("ddp", "ddp: our own DDP loop | accelerate: the same loop, data order, metrics and "
                             "outputs, with accelerate.Accelerator doing device placement, DDP, "
-                            "mixed precision (--amp) and backward")
+                            "mixed precision (--amp) and backward | fsdp2: the same loop with the model "
+                            "sharded over the ranks (torch's fully_shard; needs torchrun)")
+    reshard_after_forward: bool = _f(True, "--engine fsdp2: free each block's gathered parameters after its "
+                                           "forward and gather them again for the backward (less memory); "
+                                           "--no-reshard-after-forward keeps them until the backward (one "
+                                           "all-gather less per block and step, more memory)")
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -216,7 +226,8 @@ _CHECKS: tuple[tuple[tuple[str, ...], Any, str], ...] = (
     (("target_accuracy",), lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
 )
 _CHOICES = {"amp": AMP_MODES, "loader": LOADERS, "schedule": SCHEDULES, "optimizer": OPTIMIZERS,
-            "backend": BACKENDS, "device": ("auto", "cpu", "cuda"), "compile_mode": COMPILE_MODES}
+            "backend": BACKENDS, "device": ("auto", "cpu", "cuda"), "compile_mode": COMPILE_MODES,
+            "checkpoint_format": ("full", "dcp")}
 
 
 def check_fields(cfg: TrainConfig, world_size: int = 1) -> None:
@@ -237,6 +248,9 @@ def check_fields(cfg: TrainConfig, world_size: int = 1) -> None:
     if cfg.threads > MAX_THREADS:  # torch.set_num_threads crashes the process far above the core count
         raise UserError(f"--threads {cfg.threads} is more than {MAX_THREADS}; this machine has "
                         f"{os.cpu_count()} CPUs (0 = usable cores // local world size)")
+    if not cfg.reshard_after_forward and cfg.engine != "fsdp2":
+        raise UserError(f"--no-reshard-after-forward is for --engine fsdp2 (--engine {cfg.engine} does not shard "
+                        f"the parameters)")
     if cfg.deterministic and cfg.cudnn_benchmark:
         raise UserError("--deterministic and --cudnn-benchmark exclude each other (benchmark mode picks "
                         "kernels by timing, which is not deterministic)")
@@ -244,3 +258,27 @@ def check_fields(cfg: TrainConfig, world_size: int = 1) -> None:
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must be divisible by the "
                         f"world size {world_size}")
     grad_accum_steps(cfg, world_size)
+
+
+# Training flags that must not change between a checkpoint and its resume.
+# --channels-last, --compile and --sync-bn change the floating-point order: a resume that changed them
+# could not be bitwise the run it continues. World size, nodes, --grad-accum, --amp and --engine may
+# change (elastic restarts, another GPU type).
+RESUME_KEYS = ("model", "batch_size", "epochs", "max_steps", "lr", "optimizer", "betas", "schedule", "seed",
+               "normalize", "label_smoothing", "weight_decay", "grad_clip", "augment", "aug_degrees",
+               "aug_shift", "aug_scale", "channels_last", "compile", "sync_bn")
+
+
+def check_resume_compatible(cfg: TrainConfig, state: dict[str, Any], source: str) -> None:
+    """The flags that shape the math must match; world size, nodes, --grad-accum, --amp may change
+    (the data position is world-size free: a mid-epoch checkpoint resumes at any world size)."""
+    saved = state["config"]
+    now = cfg.to_json()  # as config.json writes it (betas as a list)
+    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != now[k]]
+    if changed:
+        detail = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {now[k]})" for k in changed)
+        raise UserError(f"checkpoint {source} was written with {detail}; resume with the same training flags")
+    samples = state.get("epoch_samples")
+    if samples is not None and samples != int(state["step_in_epoch"]) * cfg.batch_size:
+        raise UserError(f"checkpoint {source} is inconsistent: {samples} samples into the epoch is not "
+                        f"{state['step_in_epoch']} global batches of {cfg.batch_size}")

@@ -22,7 +22,7 @@ from .console import rank_prefix, warn
 from .errors import EXIT_RANK_FAILURE, EXIT_STOPPED, EXIT_USER_ERROR, RankFailure, StopTraining, UserError
 
 # the other commands of ``mnist-dist`` (cli.COMMANDS), named in the train help
-OTHER_COMMANDS = ("evaluate", "download", "plot", "predict", "export", "doctor", "ray", "sweep")
+OTHER_COMMANDS = ("evaluate", "download", "plot", "predict", "export", "doctor", "ray", "sweep", "checkpoint")
 
 # fields whose flag differs from --field-name or that need special handling
 _NEGATIVE_FLAGS = {"download": "--no-download", "progress": "--no-progress"}
@@ -103,6 +103,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     check_model(cfg.model)
     check_fields(cfg, world_size)
     check_engine(cfg.engine)
+    if cfg.async_checkpoint and cfg.checkpoint_format != "dcp":
+        raise UserError("--async-checkpoint needs --checkpoint-format dcp (the full format is one file rank 0 writes)")
     if cfg.wandb or cfg.wandb_mode:
         from .outputs.tracking import validate_tracking  # --wandb-* and the package they need
 

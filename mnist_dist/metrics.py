@@ -44,7 +44,8 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, env: DistEnv,
              batch_size: int = 1000, autocast: contextlib.AbstractContextManager | None = None) -> EvalResult:
-    """Exact evaluation. Call on EVERY rank with the raw module (not the DDP wrapper)."""
+    """Exact evaluation. Call on EVERY rank with the raw module (not the DDP wrapper); every rank calls
+    its forward equally often."""
     shard = eval_shard(len(labels), env.rank, env.world_size)
     x, y = images[shard], labels[shard]
     device = images.device
@@ -53,7 +54,9 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     predicted = torch.empty(len(y), dtype=torch.int64, device=device)
     was_training = model.training
     model.eval()
-    for start in range(0, len(y), batch_size):
+    # as many batches on every rank as on the largest shard (shards differ by one image at most): an
+    # FSDP2 module's forward is a collective; a rank's batches past its shard are empty, add nothing
+    for start in range(0, -(-len(labels) // env.world_size), batch_size):
         xb, yb = x[start:start + batch_size], y[start:start + batch_size]
         with autocast or contextlib.nullcontext():
             logits = model(xb)

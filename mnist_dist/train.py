@@ -70,18 +70,21 @@ def fit(cfg: TrainConfig, engine: Engine, callbacks: list[Callback] | None = Non
             test = None
             while not trainer.finished:
                 test = train_epoch(trainer, run, checkpoints, observers)
+            checkpoints.finish()  # an asynchronous save still in flight
         test = test or trainer.evaluate()  # resumed after the last epoch
         summary = {**build_summary(trainer, test), **observers.summary(env)}  # --profile's is a collective
         predicted = final_predictions(test, len(trainer.test_labels), env) if cfg.plots else None
+        weights = engine.model_state(trainer.model)  # model.pt's state: a collective under fsdp2
         env.barrier()  # after the last collective: from here rank 0 works alone and the others may leave
         watchdog.disarm()
         if env.is_main:
             observers.on_final_writes(trainer.position.global_step)
-            run.save_weights(trainer.model)
+            run.save_weights(weights)
             run.write_summary(summary)
             log(env, f"done: test accuracy {test.accuracy:.2%} ({test.correct}/{test.total}) in "
                      f"{trainer.clock.train_seconds:.1f}s of training; summary in {run.path / 'summary.json'}")
-            write_final_outputs(cfg.out_dir, cfg, trainer.model, trainer.test_labels, predicted)
+            write_final_outputs(cfg.out_dir, cfg, engine.final_model(trainer.model, weights), trainer.test_labels,
+                                predicted)
             observers.on_end(summary, meta)
     return summary
 
@@ -151,6 +154,7 @@ def stop_if_requested(trainer: Trainer, checkpoints: Checkpoints, at_once: bool 
     if not signum:
         return
     path = checkpoints.save(trainer)
+    path = checkpoints.finish() or path  # an asynchronous save completes before the stop
     p = trainer.position
     log(trainer.env, f"stopped by signal {signal_name(signum)} at epoch {p.epoch + 1} step {p.step_in_epoch} "
                      f"(global step {p.global_step}); checkpoint {path}; continue with --resume auto "

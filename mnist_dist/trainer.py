@@ -27,8 +27,8 @@ from .dist import DistEnv, synchronize
 from .engines._base import Engine, restore_scaler
 from .errors import UserError
 from .metrics import Resources, TrainSums, average_buffers, evaluate
-from .models import build_model, clean_state_dict
-from .optim import build_optimizer, build_scheduler, load_optimizer_state, planned_steps, rewind_schedule
+from .models import build_model
+from .optim import build_optimizer, build_scheduler, planned_steps, rewind_schedule
 from .rng import rng_state, seed_everything, set_rng_state
 from .stopping import StopRequest
 
@@ -191,8 +191,8 @@ class Trainer:
         """This rank's state (its RNGs, its epoch sums); the schedule counts the steps really taken."""
         self.reconcile_schedule()
         return {
-            "model": clean_state_dict(self.model.state_dict()),
-            "optimizer": self.optimizer.state_dict(),
+            "model": self.engine.model_state(self.model),  # collectives under fsdp2: every rank calls this
+            "optimizer": self.engine.optimizer_state(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.precision.scaler.state_dict(),
             "precision": self.precision.name,
@@ -212,8 +212,8 @@ class Trainer:
         where it belongs (Adam's ``step`` counts stay on the CPU, as Adam expects). ``rng`` None: a
         rank the checkpoint did not have, which seeds a fresh, distinct stream. Returns a note for
         the resume line ("" or e.g. "amp bf16 -> fp16")."""
-        self.model.load_state_dict(state["model"])
-        load_optimizer_state(self.optimizer, state["optimizer"])
+        self.engine.load_model_state(self.model, state["model"])
+        self.engine.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         note = restore_scaler(self.precision, state)
         self.position.load_state_dict(state)

@@ -132,7 +132,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(straight_run, small
     ("truncated", "is corrupt or truncated"),
     ("foreign", "is not an mnist-dist checkpoint"),
     ("missing", "does not exist"),
-    ("directory", "is a directory; pass a checkpoint file"),
+    ("directory", "is a directory but no checkpoint"),
 ])
 def test_explicit_bad_checkpoint_is_one_clear_error(straight_run, small_mnist, tmp_path, damage, needle, cli):
     bad = tmp_path / "bad.pt"

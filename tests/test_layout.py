@@ -85,7 +85,7 @@ LAYERS = (
     ("config", "config_file", "rng", "callbacks", "lagged"),
     ("dist", "models", "data"),
     ("engines", "metrics", "optim", "clock", "stopping"),
-    ("checkpoint", "trainer", "outputs", "diagnostics", "faults"),
+    ("checkpoint", "dcp", "trainer", "outputs", "diagnostics", "faults"),
     ("train",),
     ("entry", "cli", "tools", "launchers", "sweep", "preflight", "__main__", ""),
 )

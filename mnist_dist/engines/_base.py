@@ -6,10 +6,13 @@ channels_last), ``wrap`` (the module to train through: DDP or the engine's own w
 ``--compile``), ``unwrap`` (the raw module, for evaluation and saving), ``teardown``; per step:
 ``autocast``, ``backward``, ``optimizer_step`` (GradScaler unscale, clipping, step, update); and
 ``no_sync`` around the micro-batches of an accumulation step whose gradients must not be all-reduced
-yet.
+yet; for checkpoints and ``model.pt``: ``model_state`` / ``load_model_state``, ``optimizer_state`` /
+``load_optimizer_state`` (the full, unsharded state; collectives under fsdp2) and ``final_model`` (what
+rank 0 exports).
 
 This base class is the DDP behaviour without DDP-specific wrapping; ``ddp.py`` adds the wrapper,
-``accelerate.py`` hands the same calls to ``accelerate.Accelerator``.
+``accelerate.py`` hands the same calls to ``accelerate.Accelerator``; ``fsdp2.py`` shards the model
+with ``fully_shard``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from .. import dist
 from ..config import TrainConfig
 from ..dist import DistEnv
 from ..errors import UserError
+from ..models import clean_state_dict
 
 CUBLAS_DETERMINISTIC = ":4096:8"  # cuBLAS workspace setting that makes its kernels deterministic
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # --compile-mode values that capture CUDA graphs
@@ -199,6 +203,26 @@ class Engine:
         if isinstance(inner, nn.parallel.DistributedDataParallel):
             return inner.no_sync()
         return contextlib.nullcontext()
+
+    # The model's and optimizer's state, for checkpoints and model.pt. Every rank calls these (under
+    # fsdp2 they are collectives); here they are what a plain or DDP-wrapped module does.
+    def model_state(self, model: nn.Module) -> dict[str, Any]:
+        return clean_state_dict(model.state_dict())
+
+    def load_model_state(self, model: nn.Module, state: dict[str, Any]) -> None:
+        model.load_state_dict(state)
+
+    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        from ..optim import load_optimizer_state  # only a resume loads (the default run does not)
+
+        load_optimizer_state(optimizer, state)
+
+    def final_model(self, model: nn.Module, state: dict[str, Any]) -> nn.Module:
+        """What rank 0 exports (model.pt2) after the last barrier, given ``model_state``'s result."""
+        return model
 
     def teardown(self) -> None:
         dist.teardown()

@@ -87,6 +87,9 @@ def check_request(args: argparse.Namespace, cfg: TrainConfig) -> None:
     if cfg.engine != "ddp":
         raise UserError(f"--engine {cfg.engine} cannot run under Ray: Ray creates the process group and "
                         f"the workers use the ddp engine")
+    if cfg.checkpoint_format != "full":
+        raise UserError("--checkpoint-format dcp cannot run under Ray: Ray's checkpoints are our full-format "
+                        "files (report_checkpoint copies one file); use --checkpoint-format full")
     if args.use_gpu and cfg.device == "cpu":
         raise UserError("--use-gpu asks for GPUs but --device cpu for none; drop one of them")
     if not args.use_gpu:

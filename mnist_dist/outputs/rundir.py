@@ -166,14 +166,13 @@ class RunDir:
         if self.enabled:
             atomic_write_json(self.path / SUMMARY_FILE, summary)
 
-    def save_weights(self, model: torch.nn.Module) -> None:
+    def save_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """``weights``: the engine's ``model_state`` (gathered on every rank before the last barrier)."""
         if not self.enabled:
             return
         import torch
 
-        from ..models import clean_state_dict
-
-        state = clean_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        state = {k: v.detach().cpu() for k, v in weights.items()}
         buffer = io.BytesIO()  # serialised first: a full disk is then an OSError naming the file
         torch.save(state, buffer)
         atomic_write_bytes(self.path / WEIGHTS_FILE, buffer.getvalue())
