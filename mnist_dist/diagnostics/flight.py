@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,9 @@ def dump(debug_dir: Path, rank: int) -> Path | None:
     except Exception:  # noqa: BLE001 - an older torch, or no recorder: nothing to add
         return None
     path = debug_dir / f"{PREFIX}{rank}"
-    tmp = debug_dir / f".recorder-{rank}.tmp"  # a name torch's reader skips (it reads every file with PREFIX)
+    # a name torch's reader skips (it reads every file with PREFIX), one per thread: the watchdog's stall
+    # dump and the main thread's failure dump may be written at the same moment
+    tmp = debug_dir / f".recorder-{rank}.{os.getpid()}-{threading.get_ident()}.tmp"
     tmp.write_bytes(data)
     os.replace(tmp, path)
     return path

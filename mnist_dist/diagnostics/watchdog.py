@@ -15,7 +15,14 @@
   heartbeat), where this rank was (the exception's stack); written into ``rank-N.txt`` /
   ``rank-N.json`` with this rank's Flight Recorder dump, and raised as ``RankFailure`` (one
   ``error:`` line plus the report, exit code 4). SIGTERM is ignored while the report is written
-  (a few seconds): torchrun sends it the moment another rank fails.
+  (a few seconds): torchrun sends it the moment another rank fails. A rank whose store does not
+  answer either is on the cut-off side of a partition: its report says it lost the store and every
+  peer (``report.py``) instead of naming them all missing.
+* No store call can hang a rank: each has a deadline (``HeartbeatStore.call``) and none runs under a
+  lock the training thread needs. Under a launcher, a failed rank still running ``EXIT_GRACE`` s after
+  its failure (its exit path blocked), or a rank whose store has not answered for ``--dist-timeout``
+  while it made no progress for ``--dist-timeout`` + ``EXIT_GRACE`` s, prints its report and ends
+  from this thread with ``os._exit(4)``: no checkpoint collective on the way out.
 
 Nothing here runs in the training step: the cost is one thread waking twice a second.
 ``python -m mnist_dist doctor --run-dir DIR`` summarises ``DIR/debug/`` for all ranks.
@@ -40,12 +47,13 @@ from ..errors import EXIT_RANK_FAILURE, RankFailure, StopTraining
 from . import flight
 from .dumps import StackDumps
 from .heartbeat import HeartbeatStore, classify, heartbeat_interval
+from .report import barrier_names, cut_off_lines, peer_lines, position_text
 from .stacks import HEADER, collective, describe, phase, thread_frames, traceback_frames
 
 STALL_FRACTION = 0.9  # of --dist-timeout without progress: dump the stacks
+EXIT_GRACE = 30.0  # s: under a launcher, a rank ends this long after its failure whatever its exit blocks on
 _FAILURE = re.compile(r"timed out|timeout|connection (closed|reset|refused)|broken pipe|monitoredbarrier|"
                       r"nccl|gloo|peer", re.IGNORECASE)
-_BARRIER_NAMES = re.compile(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier")
 
 
 def is_collective_failure(exc: BaseException) -> bool:
@@ -77,6 +85,7 @@ class Watchdog:
         self.armed, self.state, self.beat = True, "running", 0
         self.failed_at: list | None = None  # the failure's frames: what this rank's last heartbeats say
         self.store: HeartbeatStore | None = None
+        self.report: str | None = None  # the failure report, once written
         self.events: list[dict[str, Any]] = []
         self.identity = {"rank": env.rank, "pid": os.getpid(), "host": socket.gethostname()}
         self.attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
@@ -101,7 +110,8 @@ class Watchdog:
         if watchdog.dumps.fh is None:
             return watchdog
         flight.point_dumps_at(str(watchdog.out_dir))
-        watchdog.store = HeartbeatStore.connect(env.rank, timeout_s=min(10.0, max(2.0, watchdog.timeout / 2)))
+        watchdog.store = HeartbeatStore.connect(env.rank, timeout_s=min(10.0, max(2.0, watchdog.timeout / 2)),
+                                                call_timeout=min(5.0, max(2.0, watchdog.timeout / 4)))
         watchdog._publish(thread_frames())
         watchdog._thread = threading.Thread(target=watchdog._run, name="mnist-dist-watchdog", daemon=True)
         watchdog._thread.start()
@@ -123,6 +133,8 @@ class Watchdog:
     def __exit__(self, exc_type, exc, tb) -> bool:
         report = None
         try:
+            if exc is not None and self.launcher is not None and os.getppid() != self.launcher:
+                self.launcher_gone()  # the root cause, whatever failed after it (a peer that went with it)
             if exc is not None and is_collective_failure(exc):
                 report = self.report_failure(exc)
             elif exc is not None and self.store is not None:  # tell the peers, who are about to fail
@@ -152,11 +164,7 @@ class Watchdog:
             return {}
         return {"epoch": p.epoch + 1, "step": p.step_in_epoch, "global_step": p.global_step}
 
-    @staticmethod
-    def position_text(pos: dict[str, Any]) -> str:
-        if "epoch" not in pos:
-            return "start-up"
-        return f"epoch {pos['epoch']} step {pos['step']} (global step {pos['global_step']})"
+    position_text = staticmethod(position_text)
 
     def _publish(self, frames: list) -> None:
         if self.store is None:
@@ -167,24 +175,36 @@ class Watchdog:
                             "where": describe(frames), "phase": phase(frames), **self.position()})
 
     def _run(self) -> None:
-        last: Any = None
-        since = time.monotonic()
-        next_beat = since + self.interval
-        stalled = False
+        self._last, self._since, self._stalled = None, time.monotonic(), False
+        self._next_beat, failed = self._since + self.interval, False
         while not self._stop.wait(min(0.5, self.interval)):
-            if self.launcher is not None and os.getppid() != self.launcher:
-                self.launcher_gone()
-            frames = thread_frames()
-            sample = (tuple(self.position().values()), describe(frames))
-            now = time.monotonic()
-            if sample != last:
-                last, since, stalled = sample, now, False
-            elif self.armed and not stalled and now - since >= STALL_FRACTION * self.timeout:
-                stalled = True
-                self.on_stall(now - since, frames)
-            if now >= next_beat:
-                self._publish(frames)
-                next_beat = now + self.interval
+            try:
+                self._tick()
+            except Exception as exc:  # noqa: BLE001 - the watchdog outlives whatever it watches
+                if not failed:
+                    print(f"[rank {self.env.rank}] notice: the watchdog thread hit {first_line(exc)}; it goes on",
+                          file=sys.stderr, flush=True)
+                failed = True
+
+    def _tick(self) -> None:
+        if self.launcher is not None and os.getppid() != self.launcher:
+            self.launcher_gone()
+        frames = thread_frames()
+        sample = (tuple(self.position().values()), describe(frames))
+        now = time.monotonic()
+        if sample != self._last:
+            self._last, self._since, self._stalled = sample, now, False
+        elif self.armed and not self._stalled and now - self._since >= STALL_FRACTION * self.timeout:
+            self._stalled = True
+            self.on_stall(now - self._since, frames)
+        lost = self.store.lost_for() if self.store is not None else None
+        if self.armed and lost is not None and lost > self.timeout and now - self._since > self.timeout + EXIT_GRACE:
+            self.hard_exit(f"lost the store and every peer: the launcher's store at {self.store.address} has not "
+                           f"answered for {lost:.0f} s and this rank made no progress for {now - self._since:.0f} "
+                           f"s at {self.position_text(self.position())}, in {describe(frames)}")
+        if now >= self._next_beat:
+            self._publish(frames)
+            self._next_beat = now + self.interval
 
     def launcher_gone(self) -> None:
         """torchrun's agent died (SIGKILL): end this rank now, with no checkpoint collective (it could
@@ -192,6 +212,29 @@ class Watchdog:
         print(f"[rank {self.env.rank}] error: the launcher (torchrun, pid {self.launcher}) is gone: this rank "
               f"stops without a checkpoint; continue with --resume auto", file=sys.stderr, flush=True)
         os._exit(EXIT_RANK_FAILURE)
+
+    def hard_exit(self, why: str) -> None:
+        """End this process now (exit code 4), from the watchdog's thread: the main thread is stuck where
+        no deadline reaches (the exit path after a failure, a cut-off host). The report first, if any."""
+        prefix = f"[rank {self.env.rank}] "
+        lines = (self.report or "").splitlines()
+        for i, line in enumerate(lines):
+            print(f"{prefix}{'error: ' if i == 0 else '  '}{line}", file=sys.stderr)
+        print(f"{prefix}error: {why}: this rank ends now (exit code 4), without a checkpoint; continue with "
+              f"--resume auto", file=sys.stderr, flush=True)
+        os._exit(EXIT_RANK_FAILURE)
+
+    def guard_exit(self) -> None:
+        """Under a launcher (whose process this is: not Ray's), end this rank ``EXIT_GRACE`` s after its
+        failure if it has not ended by then (a daemon thread: a normal exit does not wait for it)."""
+        if self.env.launcher not in ("torchrun", "env"):
+            return
+
+        def guard() -> None:
+            time.sleep(EXIT_GRACE)
+            self.hard_exit(f"still running {EXIT_GRACE:.0f} s after the failure (stuck on the way out)")
+
+        threading.Thread(target=guard, daemon=True, name="mnist-dist-exit-guard").start()
 
     # ------------------------------------------------------------------ dumps and reports
     def _write(self, text: str, stacks: bool = True) -> None:
@@ -211,7 +254,7 @@ class Watchdog:
         event["attempt"] = self.attempt
         doc = {**self.identity, "world_size": self.env.world_size, "backend": self.env.backend,
                "dist_timeout": self.timeout, "events": self.events}
-        tmp = self.json.with_name(self.json.name + ".tmp")
+        tmp = self.json.with_name(f".{self.json.name}.{os.getpid()}-{threading.get_ident()}.tmp")  # per thread
         tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
         os.replace(tmp, self.json)
 
@@ -234,6 +277,7 @@ class Watchdog:
 
     def report_failure(self, exc: BaseException) -> str:
         """The report of a failed collective (see the module docstring); returns its text."""
+        self.guard_exit()
         if threading.current_thread() is not threading.main_thread():  # Ray runs training in a thread,
             return self._report(exc)  # where signal handlers cannot be set
         previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -245,40 +289,23 @@ class Watchdog:
     def _report(self, exc: BaseException) -> str:
         self.armed, self.state = False, "failed"
         frames = self.failed_at = traceback_frames(exc)
-        where, pos, stale = describe(frames), self.position(), 3 * self.interval
+        where, pos = describe(frames), self.position()
         self._publish(frames)
-        peers = self.store.read(self.env.world_size) if self.store is not None else {}
-        status = classify(peers, None, self.env.rank, stale)
-        if "alive" in status.values():  # a fresh beat may still be a rank that just died: does it advance?
-            time.sleep(1.5 * self.interval + 0.5)
-            later = self.store.read(self.env.world_size) if self.store is not None else {}
-            status = classify(peers, later, self.env.rank, stale)
-            peers = {r: later.get(r) or peers.get(r) for r in peers}
-        named = _BARRIER_NAMES.search(str(exc))
-        barrier = {int(r) for r in named.group(1).replace(" ", "").split(",") if r} if named else set()
-        for rank in barrier:
-            status[rank] = "missing"
-        missing = sorted(r for r, s in status.items() if s == "missing")
+        peers, status, barrier = self._peer_status(exc)
+        lost = self.store.lost_for() if self.store is not None else None
         message = first_line(exc)
-        named_missing = ", ".join(f"rank {r}" for r in missing) if missing else "no rank found missing"
-        lines = [f"{'missing: ' if missing else ''}{named_missing}; a collective failed on rank {self.env.rank} at "
-                 f"{self.position_text(pos)}, in {where}: {message}"]
-        for rank in sorted(status):
-            beat = peers.get(rank) or {}
-            who = f"rank {rank}" + (f" (pid {beat['pid']} on {beat['host']})" if beat else "")
-            if not beat:
-                lines.append(f"{who}: {status[rank]}, no heartbeat ever seen")
-                continue
-            seen = f"{self.position_text(beat)}, in {beat.get('where')}"
-            if status[rank] == "missing" and rank in barrier and beat["age"] <= stale:
-                lines.append(f"{who}: MISSING from the barrier, yet alive (heartbeat {beat['age']:.1f} s ago): "
-                             f"stuck at {seen}")
-            elif status[rank] == "missing":
-                lines.append(f"{who}: MISSING, last heartbeat {beat['age']:.1f} s ago at {seen}")
-            else:
-                lines.append(f"{who}: {status[rank]}, at {seen}")
-        if self.store is None or self.store.error:
-            lines.append(f"(heartbeats unavailable: {self.store.error if self.store else 'no launcher store'})")
+        failed = f"a collective failed on rank {self.env.rank} at {self.position_text(pos)}, in {where}: {message}"
+        missing = [] if lost is not None else sorted(r for r, s in status.items() if s == "missing")
+        if lost is not None:  # the cut-off side: from here every peer looks missing
+            status = {rank: "unreachable" for rank in status}
+            lines = cut_off_lines(self.env.rank, self.identity["host"], self.store.address, lost, failed,
+                                  sorted(status))
+        else:
+            named = ", ".join(f"rank {r}" for r in missing) if missing else "no rank found missing"
+            lines = [f"{'missing: ' if missing else ''}{named}; {failed}",
+                     *peer_lines(peers, status, barrier, 3 * self.interval)]
+            if self.store is None or self.store.error:
+                lines.append(f"(heartbeats unavailable: {self.store.error if self.store else 'no launcher store'})")
         lines.append(f"stacks: {self.txt}; every rank: python -m mnist_dist doctor --run-dir {self.out_dir}")
         self._write(self._header(f"collective failed at {self.position_text(pos)}, in {where}") +
                     "".join(f"  {line}\n" for line in lines) + "Traceback of the failure:\n" +
@@ -286,5 +313,21 @@ class Watchdog:
         flight.dump(self.debug_dir, self.env.rank)
         self._record({"kind": "failure", "time": time.time(), "error": message, "where": where,
                       "phase": phase(frames), **pos, "missing": missing, "status": status, "peers": peers,
-                      "heartbeat_error": self.store.error if self.store else "no launcher store"})
-        return "\n".join(lines)
+                      "lost_store": lost, "heartbeat_error": self.store.error if self.store else "no launcher store"})
+        self.report = "\n".join(lines)
+        return self.report
+
+    def _peer_status(self, exc: BaseException) -> tuple[dict, dict[int, str], set[int]]:
+        """The peers' last beats, each one's status, and the ranks a monitored barrier named."""
+        stale = 3 * self.interval
+        peers = self.store.read(self.env.world_size) if self.store is not None else {}
+        status = classify(peers, None, self.env.rank, stale)
+        if "alive" in status.values():  # a fresh beat may still be a rank that just died: does it advance?
+            time.sleep(1.5 * self.interval + 0.5)
+            later = self.store.read(self.env.world_size) if self.store is not None else {}
+            status = classify(peers, later, self.env.rank, stale)
+            peers = {r: later.get(r) or peers.get(r) for r in peers}
+        barrier = barrier_names(exc)
+        for rank in barrier:
+            status[rank] = "missing"
+        return peers, status, barrier

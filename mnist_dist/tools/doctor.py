@@ -101,8 +101,9 @@ def render(d: dict[str, Any]) -> list[str]:
         return lines + ["no debug/ directory: no rank stalled, failed or was asked for its stacks"]
     for f in d["failures"]:
         when = datetime.datetime.fromtimestamp(f["time"]).isoformat(timespec="seconds")
+        cut = "; it lost the store and every peer (its host was cut off)" if f.get("lost_store") else ""
         lines.append(f"failure on rank {f['rank']} at {_position(f)} ({when}, attempt {f.get('attempt', 0)}): "
-                     f"{f['error']}")
+                     f"{f['error']}{cut}")
     lines.append("missing: " + (", ".join(f"rank {r}" for r in d["missing"]) if d["missing"] else "none named"))
     for r in d["ranks"]:
         own, beat = r["report"], r["last_heartbeat"]

@@ -1,0 +1,208 @@
+"""What a network fault does to a run across hosts (a table, not a test). Root only.
+
+    MNIST_DATA_DIR=../shared/data python benchmarks/hosts_matrix.py [--dist-timeout 20] [--only partition,loss] [--keep DIR]
+
+Every row is real: two simulated hosts (``tests/netns_hosts.py``: network namespaces behind a bridge,
+their own hostnames and private run directories), one rank each under torchrun with the c10d
+rendezvous on host A's address, the small MNIST (the first 6,000 / 1,000 images of ``$MNIST_DATA_DIR``,
+copied into each host's directory), one epoch of batch 64 (94 steps), a checkpoint every 10 steps.
+The fault hits host B when host A's first checkpoint appears (step 10; in the "stuck" row 1.5 s later,
+once rank 1 sleeps at step 12); rank 0 sleeps 0.05 s after each step (4.7 s in all, in every row), so
+that the run is still training when it comes.
+
+Columns: how each side ended (host A's torchrun, host B's rank, host B's torchrun agent: its exit code,
+"ended" for a rank its agent reaped before its code was seen, or "blocked" when it was still running
+``--agent-wait`` s after both ranks ended, then killed) and how many seconds after the fault (the
+no-fault row: after the first checkpoint); the run's training seconds and test accuracy when it finished; and the
+first line of each side's report. Prints a Markdown table (docs/launching.md, "Across hosts").
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "tests"), str(REPO)]
+
+from netns_hosts import Hosts, unavailable  # noqa: E402
+
+SLOW = "delay,point=step,rank=0,seconds=0.05"
+STUCK = "delay,point=step,rank=1,step=12,seconds=900"  # rank 1 stuck in its own code (no deadline reaches it)
+STUCK_AFTER = 1.5  # s after the first checkpoint: rank 1 is asleep at step 12 when its host is cut off
+# name: (what happens to host B at the first checkpoint, $MNIST_DIST_FAULT, tcp_retries2 on every host)
+ROWS = {
+    "none": ("no fault", SLOW, None),
+    "partition": ("partition of host B", SLOW, None),
+    "partition-retries2": ("partition of host B, net.ipv4.tcp_retries2=8 on both hosts", SLOW, "8"),
+    "cut-heal": ("host B cut off for 5 s, then healed", SLOW, None),
+    "loss": ("10% of host B's packets dropped (each way)", SLOW, None),
+    "cap": ("host B's link capped at 10 Mbit/s (tc tbf, each way)", SLOW, None),
+    "stuck-partition": ("rank 1 stuck in its own code (asleep at step 12), host B partitioned", f"{SLOW};{STUCK}",
+                        None),
+    "partition-a": ("partition of host A (the store's host)", SLOW, None),
+}
+
+
+def exit_status(pid: int) -> int | None:
+    """A child's exit code while it is a zombie (its launcher has not reaped it), -1 once gone, else None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return -1
+    return int(fields[-1]) >> 8 if fields[0] == "Z" else None
+
+
+def launch(hosts: Hosts, data: Path, timeout: float, fault: str) -> dict[str, subprocess.Popen]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", MNIST_DIST_ALLOW_SUBSET="1",
+               PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+    if fault:
+        env["MNIST_DIST_FAULT"] = fault
+    procs = {}
+    for name in hosts.names:
+        shutil.copytree(data, hosts.private(name) / "data")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint={hosts.address['host-a']}:29400", "--rdzv-id=matrix", str(REPO / "train_ddp.py"),
+               "--data-dir", str(hosts.mount_point / "data"), "--out-dir", str(hosts.mount_point / "run"),
+               "--dist-timeout", str(timeout), "--epochs", "1", "--batch-size", "64", "--checkpoint-every", "10",
+               "--threads", "1", "--no-progress", "--no-plots", "--no-export"]
+        with open(hosts.root / f"{name}.log", "w") as log:
+            procs[name] = hosts.popen(name, cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    return procs
+
+
+def apply(hosts: Hosts, row: str) -> None:
+    if row in ("partition", "partition-retries2", "stuck-partition", "cut-heal"):
+        hosts.partition("host-b")
+    elif row == "partition-a":
+        hosts.partition("host-a")
+    elif row == "loss":
+        hosts.loss("host-b", 0.10)
+    elif row == "cap":
+        hosts.cap("host-b", "10mbit", "64kbit")
+
+
+def first_error(log: str) -> str:
+    """The gist of a side's report: its first error line up to the first ';' (or ': ')."""
+    lines = [line.split("error: ", 1)[1] for line in log.splitlines() if "] error: " in line]
+    if not lines:
+        return ""
+    gist = lines[0].split(";")[0]
+    gist = gist.split(": ")[0] if len(gist) > 40 else gist
+    return gist + (" (ended by its watchdog thread)" if "this rank ends now (exit code 4)" in log else "")
+
+
+def run_row(root: Path, data: Path, row: str, timeout: float, agent_wait: float) -> dict:
+    what, fault, retries2 = ROWS[row]
+    folder = root / row
+    while folder.exists():  # a row asked for twice
+        folder = folder.with_name(folder.name + "+")
+    with Hosts(folder, ["host-a", "host-b"]) as hosts:
+        if retries2:
+            for name in hosts.names:
+                hosts.sysctl(name, "net.ipv4.tcp_retries2", retries2)
+        procs = launch(hosts, data, timeout, fault)
+        checkpoints = hosts.private("host-a") / "run" / "checkpoints"
+        started = time.monotonic()
+        while not list(checkpoints.glob("step-*.pt")) and time.monotonic() - started < 300:
+            if any(p.poll() is not None for p in procs.values()):
+                break
+            time.sleep(0.1)
+        kids = subprocess.run(["pgrep", "-P", str(procs["host-b"].pid)], capture_output=True, text=True).stdout.split()
+        rank_b = int(kids[0]) if kids else -1
+        if row == "stuck-partition":
+            time.sleep(STUCK_AFTER)
+        fault_at = time.monotonic()
+        apply(hosts, row)
+        ends: dict[str, tuple[int | str, float]] = {}
+        limit, heal_at = fault_at + timeout + 600, 5.0 if row == "cut-heal" else None
+        while time.monotonic() < limit:
+            now = time.monotonic() - fault_at
+            if heal_at is not None and now >= heal_at:
+                hosts.heal("host-b")
+                heal_at = None
+            if "a" not in ends and procs["host-a"].poll() is not None:
+                ends["a"] = (procs["host-a"].returncode, now)
+            if "rank b" not in ends and rank_b > 0 and exit_status(rank_b) is not None:
+                ends["rank b"] = (exit_status(rank_b), now)
+            if "b" not in ends and procs["host-b"].poll() is not None:
+                ends["b"] = (procs["host-b"].returncode, now)
+                ends.setdefault("rank b", ("reaped", now))
+            ranks_done = "a" in ends and "rank b" in ends
+            if len(ends) == 3 or (ranks_done and now > max(v[1] for v in ends.values()) + agent_wait):
+                break
+            time.sleep(0.2)
+        for key in ("a", "rank b", "b"):
+            ends.setdefault(key, ("blocked", time.monotonic() - fault_at))
+        summary_path = hosts.private("host-a") / "run" / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        logs = {name: (hosts.root / f"{name}.log").read_text(errors="replace") for name in hosts.names}
+    return {"row": row, "what": what, "ends": ends, "accuracy": summary.get("test_accuracy"),
+            "train_seconds": summary.get("train_seconds"), "report_a": first_error(logs["host-a"]),
+            "report_b": first_error(logs["host-b"])}
+
+
+def cell(end: tuple) -> str:
+    code, seconds = end
+    if code == "blocked":
+        return f"blocked > {seconds:.0f} s"
+    return f"{'ended' if code in (-1, 'reaped') else f'exit {code}'} ({seconds:.0f} s)"  # -1: reaped, code unseen
+
+
+def table(results: list[dict], timeout: float) -> str:
+    lines = [f"| fault (--dist-timeout {timeout:g}) | host A torchrun | host B rank | host B torchrun | "
+             f"training s | test acc | host A says | host B says |", "|---|---|---|---|---:|---:|---|---|"]
+    for r in results:
+        acc = f"{r['accuracy']:.2%}" if r["accuracy"] is not None else "—"
+        secs = f"{r['train_seconds']:.1f}" if r["train_seconds"] is not None else "—"
+        lines.append(f"| {r['what']} | {cell(r['ends']['a'])} | {cell(r['ends']['rank b'])} | "
+                     f"{cell(r['ends']['b'])} | {secs} | {acc} | {r['report_a'] or '—'} | {r['report_b'] or '—'} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dist-timeout", type=float, default=20.0)
+    parser.add_argument("--only", default="", help=f"comma-separated rows of: {', '.join(ROWS)}")
+    parser.add_argument("--agent-wait", type=float, default=60.0,
+                        help="seconds to wait for host B's torchrun after both ranks ended (the retries2 row: 180)")
+    parser.add_argument("--keep", default="", help="keep every row's hosts' files and logs under this directory")
+    args = parser.parse_args()
+    why = unavailable()
+    if why:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+    from conftest import make_small_mnist, real_mnist_root
+
+    real = real_mnist_root()
+    if real is None:
+        print("error: set MNIST_DATA_DIR to a directory holding MNIST/raw", file=sys.stderr)
+        return 2
+    rows = [r for r in args.only.split(",") if r] or list(ROWS)
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="hosts-matrix-"))
+    try:
+        data = make_small_mnist(root / "small", real)
+        results = []
+        for row in rows:
+            wait = max(args.agent_wait, 180.0) if row == "partition-retries2" else args.agent_wait
+            results.append(run_row(root, data, row, args.dist_timeout, wait))
+            print(f"{row}: {results[-1]['ends']}", file=sys.stderr, flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    print(f"{datetime.date.today()}, {os.cpu_count()} cores, torch {__import__('torch').__version__}")
+    print(table(results, args.dist_timeout))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
