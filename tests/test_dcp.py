@@ -13,31 +13,19 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import QUIET, TRAIN_SCRIPT, assert_one_line_error, child_env, ok, python, read_json, torchrun
+from conftest import assert_one_line_error, child_env, ok, python, read_json, torchrun
 from mnist_dist import checkpoint, dcp
+from test_checkpoint import FLAGS, assert_bitwise_equal
+from test_checkpoint import train_flags as train
 from test_elastic import epoch_indices
 
-FLAGS = ["--batch-size", "400", "--epochs", "2", "--checkpoint-every", "5", *QUIET]  # test_checkpoint.py's
 DCP = ["--checkpoint-format", "dcp"]
-
-
-def train(small_mnist: Path, out: Path, *extra: str) -> list[str]:
-    return [str(TRAIN_SCRIPT), *FLAGS, "--data-dir", str(small_mnist), "--out-dir", str(out), *extra]
-
-
-def weights(out: Path) -> dict[str, torch.Tensor]:
-    return torch.load(out / "model.pt", weights_only=True, map_location="cpu")
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), "the weights differ"
 
 
 @pytest.fixture
 def straight_run(small_mnist, reference_runs) -> Path:
+    """test_checkpoint.py's uninterrupted 2-rank run (the same shared run)."""
     return reference_runs.get(*FLAGS, "--data-dir", str(small_mnist), nproc=2)
 
 
@@ -50,7 +38,7 @@ def async_run(small_mnist, reference_runs) -> Path:
 
 @pytest.mark.slow
 def test_async_dcp_checkpoints_are_complete_and_change_nothing(async_run, straight_run):
-    assert_same_weights(async_run, straight_run)
+    assert_bitwise_equal(async_run, straight_run)
     names = [p.name for p in checkpoint.list_checkpoints(async_run)]
     assert names == [f"step-{s:08d}" for s in (5, 10, 15, 20, 25, 30)], names
     assert not list((async_run / "checkpoints").glob(".*")), "a temporary directory was left"
@@ -71,7 +59,7 @@ def test_killed_mid_save_resumes_bitwise_from_the_last_complete_directory(small_
     resumed = ok(torchrun(2, *train(small_mnist, out, *DCP, "--resume", "auto")))
     assert "resumed from" in resumed.stdout and "step-00000015" in resumed.stdout
     assert not list((out / "checkpoints").glob(".*")), "the incomplete directory was not cleaned up"
-    assert_same_weights(out, straight_run)
+    assert_bitwise_equal(out, straight_run)
 
 
 @pytest.mark.slow
@@ -152,5 +140,5 @@ def test_convert_between_the_formats_and_resume_either(async_run, straight_run, 
     for source, fmt in ((full, []), (back, DCP)):
         out = tmp_path / f"from-{source.name}"
         ok(torchrun(2, *train(small_mnist, out, *fmt, "--resume", str(source))))
-        assert_same_weights(out, straight_run)
+        assert_bitwise_equal(out, straight_run)
     assert_one_line_error(cli("checkpoint", "convert", full, back), f"{back} exists")
