@@ -1,16 +1,13 @@
 """Checkpoints: when to take one, the collectives around it, and the files.
 
-What a checkpoint holds is the trainer's own ``state_dict`` (``trainer.py``), per rank; ``Checkpoints``
-gathers the ranks' parts to global rank 0 (every rank's RNG states, the epoch's sums over all ranks),
-which writes the full state as one file, and on a resume reads it, broadcasts it and hands every rank
-its part back through ``load_state_dict``. Only rank 0 reads and writes files: the other ranks need
-no filesystem in common with it.
-
-Layout: ``<out-dir>/checkpoints/step-<global step, 8 digits>.pt``. A file with that name is complete
-by construction: it is written under a temporary name, fsynced, then renamed and the directory
-fsynced (``outputs.rundir.atomic_path``), so a crash at any moment leaves either the old set of
-checkpoints or the old set plus one new complete file — never a partial file with a valid name. Every
-file loads with ``weights_only=True``.
+A checkpoint holds the trainer's own ``state_dict`` (``trainer.py``), per rank; ``Checkpoints`` gathers
+the ranks' parts to global rank 0 (every rank's RNG states, the epoch's sums over all ranks), which
+writes the full state as one file, and on a resume reads it, broadcasts it and hands every rank its part
+back through ``load_state_dict``. The other ranks need no filesystem in common with rank 0; across hosts
+each host keeps a copy (``elastic.py``). Layout: ``<out-dir>/checkpoints/step-<global step, 8 digits>.pt``,
+complete by construction: written under a temporary name, fsynced, renamed, the directory fsynced
+(``outputs.rundir.atomic_path``): a crash leaves the old set, or it plus one complete file. Every file
+loads with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -235,49 +232,32 @@ class Checkpoints:
         checked_barrier(env, self.cfg.dist_timeout)  # names the ranks that did not come
         state = trainer.state_dict()
         metrics = metrics if metrics is not None else {k: state[k] for k in ("epoch", "step_in_epoch", "global_step")}
-        if self.cfg.checkpoint_format == "dcp":
-            return self.save_sharded(trainer, state, metrics)
+        if self.cfg.checkpoint_format == "dcp":  # every rank writes its shards (dcp.py)
+            from . import dcp
+
+            final = checkpoint_path(self.cfg.out_dir, state["global_step"], sharded=True)
+            return dcp.save_sharded(self, trainer, {"format": FORMAT, "version": VERSION}, state, final, metrics)
         rngs = gather_objects(state["rng"], env)
         sums = all_reduce_sum(state["train_sums"].clone(), env)
-        path = None
-        if env.is_main:
-            full = {"format": FORMAT, "version": VERSION, **state, "rng": rngs, "train_sums": sums.detach().cpu()}
-            path = str(save(self.cfg.out_dir, full, self.cfg.keep, self.before_rename))
+        full = {"format": FORMAT, "version": VERSION, **state, "rng": rngs, "train_sums": sums.detach().cpu()} \
+            if env.is_main else None
+        path = self.write(full)
         env.barrier()
         if self.on_saved is not None:
             self.on_saved(path, metrics)
         return path
 
-    def save_sharded(self, trainer: Any, state: dict[str, Any], metrics: dict[str, Any]) -> str | None:
-        """``--checkpoint-format dcp``: every rank writes its shards (``dcp.py``); with
-        ``--async-checkpoint`` the write overlaps the next steps and is finished by the next save,
-        a stop or the run's end (``finish``). Returns the directory on rank 0 once it is complete."""
-        from . import dcp
-
-        self.finish()  # one save in flight at most
-        run = dcp.reduce_run_state(state, self.env)
-        if run is not None:  # rank 0: the run state, in the full format's shape (run.pt)
-            run = {"format": FORMAT, "version": VERSION, **run, "model": {}, "optimizer": {}}
-        final = checkpoint_path(self.cfg.out_dir, state["global_step"], sharded=True)
-        self.pending = dcp.start_save(final, trainer.model, trainer.optimizer, run, self.env,
-                                      self.cfg.async_checkpoint, self.group)
-        self.pending.metrics = metrics
-        return None if self.cfg.async_checkpoint else self.finish()
+    def write(self, full: dict[str, Any] | None) -> str | None:
+        """Rank 0 writes the full checkpoint (``full``: None on the other ranks); its path there."""
+        return str(save(self.cfg.out_dir, full, self.cfg.keep, self.before_rename)) if full is not None else None
 
     def finish(self) -> str | None:
-        """Complete the save in flight, if any (a collective): checksums, rename, rotation, observers."""
+        """Complete the save in flight (``--async-checkpoint``), if any: a collective (``dcp.finish_pending``)."""
         if self.pending is None:
             return None
         from . import dcp
 
-        pending, self.pending = self.pending, None
-        path = str(dcp.finish_save(pending, self.env, content_digest, self.before_rename))
-        if self.env.is_main:
-            prune(self.cfg.out_dir, self.cfg.keep)
-        path = path if self.env.is_main else None
-        if self.on_saved is not None:
-            self.on_saved(path, pending.metrics)
-        return path
+        return dcp.finish_pending(self, content_digest, prune)
 
     def resume(self, trainer: Stateful) -> str | None:
         """``--resume``: the newest checkpoint that loads and fits (``auto``) or the one named, restored
@@ -285,10 +265,9 @@ class Checkpoints:
         cfg, env = self.cfg, self.env
         if not cfg.resume:
             return None
-        names = [cfg.resume] if cfg.resume != "auto" else [str(p) for p in reversed(list_checkpoints(cfg.out_dir))]
-        candidates = broadcast_object(names if env.is_main else None, env)  # rank 0's filesystem decides
-        for source in candidates:
-            full, problem = self.read(source)
+        candidates = self.candidates()
+        for source, holder in candidates:
+            full, problem = self.read(source, holder)
             if full is not None:
                 check_resume_compatible(cfg, full, source)  # other training flags: never a fallback
                 problem = self.restore(trainer, full, source)
@@ -305,18 +284,25 @@ class Checkpoints:
         log(env, f"no checkpoint in {cfg.out_dir}/checkpoints: starting fresh")
         return None
 
-    def read(self, source: str) -> tuple[dict[str, Any] | None, str | None]:
-        """Rank 0 loads ``source`` (to the CPU: ``load_state_dict`` places every tensor) and broadcasts
+    def candidates(self) -> list[tuple[str, int]]:
+        """(checkpoint, the rank that reads it), the first to try first: ``--resume PATH``, or every
+        checkpoint in rank 0's directory, newest first (rank 0's filesystem decides)."""
+        names = [self.cfg.resume] if self.cfg.resume != "auto" else \
+            [str(p) for p in reversed(list_checkpoints(self.cfg.out_dir))]
+        return [(name, 0) for name in broadcast_object(names if self.env.is_main else None, self.env)]
+
+    def read(self, source: str, holder: int = 0) -> tuple[dict[str, Any] | None, str | None]:
+        """Rank ``holder`` loads ``source`` (to the CPU: ``load_state_dict`` places every tensor) and broadcasts
         it: (state, None), or (None, why it is corrupt); an unreadable file is an error on every rank."""
         result: tuple[Any, str | None, str | None] = (None, None, None)
-        if self.env.is_main:
+        if self.env.rank == holder:
             try:
                 result = (load(source, map_location="cpu"), None, None)
             except CorruptCheckpoint as exc:
                 result = (None, str(exc), None)
             except UserError as exc:
                 result = (None, None, str(exc))
-        state, corrupt, fatal = broadcast_object(result, self.env)
+        state, corrupt, fatal = broadcast_object(result, self.env, holder)
         if fatal:
             raise UserError(fatal)
         return state, corrupt

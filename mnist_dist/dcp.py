@@ -229,3 +229,32 @@ def reduce_run_state(state: dict[str, Any], env: DistEnv) -> dict[str, Any] | No
         return None
     return {k: v for k, v in state.items() if k not in ("model", "optimizer")} | {
         "rng": rngs, "train_sums": sums.detach().cpu()}
+
+
+def save_sharded(checkpoints: Any, trainer: Any, header: dict[str, Any], state: dict[str, Any], final: Path,
+                 metrics: dict[str, Any]) -> str | None:
+    """``Checkpoints.save`` in this format: every rank writes its shards into ``final``; with
+    ``--async-checkpoint`` the write overlaps the next steps and is finished by the next save, a stop or
+    the run's end (``finish_pending``). Returns the directory on rank 0 once it is complete."""
+    cfg = checkpoints.cfg
+    checkpoints.finish()  # one save in flight at most
+    run = reduce_run_state(state, checkpoints.env)
+    if run is not None:  # rank 0: the run state, in the full format's shape (run.pt)
+        run = {**header, **run, "model": {}, "optimizer": {}}
+    checkpoints.pending = start_save(final, trainer.model, trainer.optimizer, run, checkpoints.env,
+                                     cfg.async_checkpoint, checkpoints.group)
+    checkpoints.pending.metrics = metrics
+    return None if cfg.async_checkpoint else checkpoints.finish()
+
+
+def finish_pending(checkpoints: Any, digest: Any, prune: Any) -> str | None:
+    """Complete ``checkpoints``' save in flight (a collective): checksums (``digest``), rename, rotation
+    (``prune``), observers."""
+    env, pending, checkpoints.pending = checkpoints.env, checkpoints.pending, None
+    path = str(finish_save(pending, env, digest, checkpoints.before_rename))
+    if env.is_main:
+        prune(checkpoints.cfg.out_dir, checkpoints.cfg.keep)
+    path = path if env.is_main else None
+    if checkpoints.on_saved is not None:
+        checkpoints.on_saved(path, pending.metrics)
+    return path

@@ -175,12 +175,16 @@ def join_process_group(backend: str, device: torch.device, rank: int, world_size
                        timeout_s: float) -> None:
     """init_process_group for a torchrun-launched process (both engines use it). A failed rendezvous is
     one UserError; only it is caught here (a collective that fails later is the watchdog's: exit 4)."""
+    from .addresses import await_rendezvous, check_reach
+
     import_before_process_group()
     timeout = datetime.timedelta(seconds=timeout_s)
     addr, port = await_rendezvous(rank, timeout_s)
     with native_stderr_held():
         try:
             store = elastic_attempt_store(world_size, timeout)
+            if backend == "gloo" and store is not None:  # across hosts: an address every host reaches
+                check_reach(store, timeout_s, addr)
             dist.init_process_group(
                 backend=backend,
                 init_method=None if store is not None else "env://",
@@ -197,36 +201,6 @@ def join_process_group(backend: str, device: torch.device, rank: int, world_size
                     what else f"waited up to --dist-timeout {timeout_s:g} s; check that every rank has the same "
                     f"MASTER_ADDR, MASTER_PORT and WORLD_SIZE and its own RANK, and that the port is open")
             raise UserError(f"cannot create the process group at {addr}:{port}: {what}; {hint}") from None
-
-
-def await_rendezvous(rank: int, timeout_s: float) -> tuple[str, int]:
-    """MASTER_ADDR:MASTER_PORT, checked: a port, a name that resolves, a connection (but for env://'s rank 0, which
-    makes the store), retried for ``timeout_s``; else one UserError, where torch logs each try with a C++ stack."""
-    import socket
-    import time
-    addr, raw = os.environ.get("MASTER_ADDR", "").strip(), os.environ.get("MASTER_PORT", "")
-    port = int(raw) if raw.strip().isdigit() else -1
-    if not addr or not 1 <= port <= 65535:
-        bad = f"MASTER_PORT={raw!r} is not a TCP port (1-65535)" if addr else "MASTER_ADDR is empty"
-        raise UserError(f"{bad}; set MASTER_ADDR and MASTER_PORT to rank 0's host and a free port there, the "
-                        f"same on every rank (MASTER_ADDR={addr!r})")
-    connect = rank != 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            socket.getaddrinfo(addr, port)
-            if connect:
-                socket.create_connection((addr, port), min(5.0, max(0.1, deadline - time.monotonic()))).close()
-            return addr, port
-        except socket.gaierror as exc:
-            problem = f"MASTER_ADDR does not resolve ({exc.strerror}); check its spelling and DNS"
-        except OSError as exc:
-            problem = (f"{exc.strerror or exc}; check that rank 0 is running, that every rank has the same "
-                       f"MASTER_ADDR and MASTER_PORT, and that no firewall blocks the port")
-        if time.monotonic() >= deadline:
-            raise UserError(f"cannot reach the rendezvous at {addr}:{port} (MASTER_ADDR:MASTER_PORT) within "
-                            f"--dist-timeout {timeout_s:g} s: {problem}")
-        time.sleep(0.5)
 
 
 @contextlib.contextmanager
@@ -341,10 +315,10 @@ def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
     return out
 
 
-def broadcast_object(obj: Any, env: DistEnv) -> Any:
-    """Rank 0's ``obj`` on every rank."""
+def broadcast_object(obj: Any, env: DistEnv, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank."""
     if not env.distributed:
         return obj
-    box = [obj if env.is_main else None]
-    dist.broadcast_object_list(box, src=0)
+    box = [obj if env.rank == src else None]
+    dist.broadcast_object_list(box, src=src)
     return box[0]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import sys
 import time
@@ -99,6 +100,51 @@ def check_own_address(host: str, infos: list[tuple]) -> None:
             ) from None
 
 
+def check_store_host(host: str) -> None:
+    """torchrun's c10d rendezvous serves its store on the node whose name or name's addresses match the
+    endpoint (torch's ``_matches_machine_hostname``), not on the node that merely has the address; an
+    endpoint no agent recognises leaves every node waiting for a store nobody serves."""
+    try:
+        from torch.distributed.elastic.rendezvous.utils import _matches_machine_hostname
+    except ImportError:  # a torch without it: nothing to compare with
+        return
+    if not _matches_machine_hostname(host):
+        name = socket.gethostname()
+        raise UserError(f"rendezvous endpoint {host} is an address of this node, but torchrun will not serve its "
+                        f"store here: it matches the endpoint against this node's name ({name} -> "
+                        f"{', '.join(resolved(name)) or 'nothing'}), so every node would wait for a store nobody "
+                        f"serves; name the endpoint by this node's name (RDZV_HOST={name}), or fix {name}'s line in "
+                        f"/etc/hosts")
+
+
+def resolved(name: str) -> list[str]:
+    try:
+        return sorted({info[4][0] for info in socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)})
+    except socket.gaierror:
+        return []
+
+
+def check_host_name(endpoint_host: str) -> str:
+    """This node's name as gloo and torchrun use it: an error if it does not resolve (torchrun's
+    rendezvous fails on it), a note when it resolves to loopback (the job then sets
+    GLOO_SOCKET_IFNAME itself; NCCL needs NCCL_SOCKET_IFNAME)."""
+    from .addresses import hostname_address, is_loopback, outward_interface
+
+    name = socket.gethostname()
+    address, problem = hostname_address()
+    interface, outward = outward_interface(endpoint_host)
+    route = f"{interface} ({outward})" if interface else "the interface the other nodes reach"
+    if not resolved(name):
+        raise UserError(f"this node's name {name} does not resolve, and torchrun's rendezvous needs it to: add "
+                        f"'{outward or 'ADDRESS'} {name}' to /etc/hosts ({route})")
+    if problem and (endpoint_host == "localhost" or is_loopback(endpoint_host)):
+        return f"name {name} -> {address} (loopback: fine for a job on this machine only)"
+    if problem:
+        return (f"name {name}: {problem}: the job sets GLOO_SOCKET_IFNAME={interface or '?'} itself; with NCCL "
+                f"set NCCL_SOCKET_IFNAME={interface or '<interface>'}")
+    return f"name {name} -> {address}"
+
+
 def listen_on(port: int, family: int) -> socket.socket:
     """Bind the rendezvous port on all addresses, as the c10d store will (TIME_WAIT is fine)."""
     s = socket.socket(family, socket.SOCK_STREAM)
@@ -123,13 +169,15 @@ def read_line(conn: socket.socket, limit: int = 256) -> bytes:
     return data.strip()
 
 
-def host_rendezvous(endpoint: str, nnodes: int, timeout: float, token: str = "") -> str:
+def host_rendezvous(endpoint: str, nnodes: int, timeout: float, token: str = "", rdzv_conf: str = "") -> str:
     """First node: own address, free port, and (nnodes > 1) wait until every other node connected.
 
     Peers say ``TOKEN NODE``; connections without this job's token (another job on the same port, a
     port scanner, a stale client) are answered with nothing and not counted."""
     host, port, infos = parse_endpoint(endpoint)
     check_own_address(host, infos)
+    if not re.search(r"(^|,)is_host=(1|true|yes)\b", rdzv_conf.lower()):  # set: torchrun serves it here anyway
+        check_store_host(host)
     with listen_on(port, infos[0][0]) as server:
         if nnodes <= 1:
             return f"rendezvous {host}:{port} is this node's, port free"
@@ -198,6 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="nodes that must reach the rendezvous (default: $SLURM_JOB_NUM_NODES or 1)")
     parser.add_argument("--reach-timeout", type=float, default=120.0,
                         help="seconds to wait for the nodes to reach each other's rendezvous check")
+    parser.add_argument("--rdzv-conf", default=os.environ.get("PET_RDZV_CONF", ""),
+                        help="torchrun's --rdzv-conf on the first node (is_host=1: its agent serves the store "
+                        "whatever its name resolves to)")
     parser.add_argument("--token", default="", help="the same word on every node of this job (e.g. the "
                         "job id and its start): the first node counts only peers that say it")
     args = parser.parse_args(argv)
@@ -207,8 +258,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"processes per node must be >= 1, got {args.nproc_per_node}")
         found = [check_torch(), check_gpus(args.nproc_per_node, args.gpus_per_node), check_data(args.data_dir)]
         if args.rdzv_endpoint:
+            found.append(check_host_name(parse_endpoint(args.rdzv_endpoint)[0]))
             if os.environ.get("SLURM_NODEID", "0") == "0":
-                found.append(host_rendezvous(args.rdzv_endpoint, args.nnodes, args.reach_timeout, args.token))
+                found.append(host_rendezvous(args.rdzv_endpoint, args.nnodes, args.reach_timeout, args.token,
+                                             args.rdzv_conf))
             else:
                 found.append(reach_rendezvous(args.rdzv_endpoint, args.reach_timeout, args.token))
     except UserError as exc:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .callbacks import Callback, Callbacks
 from .checkpoint import Checkpoints
 from .config import TrainConfig
-from .console import log
+from .console import log, warn
 from .dist import DistEnv, broadcast_object, checked_barrier, gather_objects
 from .engines._base import Engine, uses_sync_batchnorm
 from .errors import StopTraining
@@ -46,7 +46,7 @@ def fit(cfg: TrainConfig, engine: Engine, callbacks: list[Callback] | None = Non
             startup.cleanups.append(run.close)
         network = check_network(cfg, env)
         trainer = Trainer.build(cfg, engine)
-        checkpoints = Checkpoints(cfg, env)
+        checkpoints = make_checkpoints(cfg, env)
         resumed_from = checkpoints.resume(trainer)
         if resumed_from:
             run.truncate_to(trainer.position.epoch, trainer.position.global_step)
@@ -196,16 +196,25 @@ def watch_ranks(cfg: TrainConfig, env: DistEnv, dumps: Any = None):
     return dumps or StackDumps.start(cfg.out_dir, env.rank)
 
 
+def make_checkpoints(cfg: TrainConfig, env: DistEnv) -> Checkpoints:
+    """The run's checkpoints; for a job across hosts or an elastic restart, ``elastic.py``'s."""
+    if env.world_size == env.local_world_size and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        return Checkpoints(cfg, env)
+    from .elastic import ElasticCheckpoints
+
+    return ElasticCheckpoints(cfg, env)
+
+
 def check_network(cfg: TrainConfig, env: DistEnv) -> dict[str, Any] | None:
     """The start-up network check under a launcher (all_reduce, bandwidth, interface), logged."""
-    if cfg.skip_network_check:
-        return {"skipped": True}
-    if not env.distributed:
-        return None
-    from .diagnostics.network import describe, network_check
+    if cfg.skip_network_check or not env.distributed:
+        return {"skipped": True} if cfg.skip_network_check else None
+    from .diagnostics.network import describe, network_check, warnings_of
 
     network = network_check(env, cfg.dist_timeout)
     log(env, describe(network))
+    for warning in warnings_of(network) if env.is_main else []:
+        warn(warning)
     return network
 
 
@@ -264,6 +273,7 @@ def build_summary(trainer: Trainer, test: EvalResult) -> dict[str, Any]:
         "test_accuracy": test.accuracy, "test_correct": test.correct, "test_total": test.total,
         "test_loss": test.loss, "world_size": trainer.env.world_size, "launcher": trainer.env.launcher,
         "world_sizes": p.world_sizes,  # every world size the run went through (elastic restarts)
+        "restarts": p.restarts,  # each elastic restart: the checkpoint, the steps resumed at, reached and lost
         "grad_accum_steps": trainer.grad_accum, "epochs": p.epoch, "global_step": p.global_step,
         "model": cfg.model, "recipe": cfg.recipe, "per_class_accuracy": test.class_accuracy,
         "per_class_correct": test.class_correct, "per_class_total": test.class_total,

@@ -63,6 +63,7 @@ class Position:
     global_step: int = 0  # optimizer steps so far
     world_sizes: list[int] = field(default_factory=list)  # the world sizes the run went through, in order
     tracker_run_id: str | None = None  # the experiment tracker's run, continued by a resumed job
+    restarts: list[dict[str, Any]] = field(default_factory=list)  # elastic restarts: resumed, reached, lost steps
 
     def joined_at(self, world_size: int) -> None:
         """Record the world size this (re)start runs at."""
@@ -71,13 +72,14 @@ class Position:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "world_sizes": list(self.world_sizes), "tracker_run_id": self.tracker_run_id}
+                "world_sizes": list(self.world_sizes), "tracker_run_id": self.tracker_run_id,
+                "restarts": [dict(r) for r in self.restarts]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
         self.world_sizes = [int(w) for w in state.get("world_sizes", [state["world_size"]])]
-        self.tracker_run_id = state.get("tracker_run_id")
+        self.tracker_run_id, self.restarts = state.get("tracker_run_id"), list(state.get("restarts", []))
 
 
 @dataclass

@@ -117,6 +117,20 @@ class Hosts:
         _sh("ip", "netns", "add", ns)
         self.made.append(ns)
 
+    def name_resolves_to(self, name: str, address: str | None, second_nic: bool = False) -> None:
+        """Host ``name``'s own /etc/hosts maps its name to ``address`` (the other hosts' still say its real
+        one): Debian's ``127.0.1.1 <hostname>``, or with ``second_nic`` the address of an interface
+        ``nic1`` added to it that no other host can reach (a second NIC); None: to nothing."""
+        ns = self.ns(name)
+        if second_nic:
+            _sh("ip", "-n", ns, "link", "add", "nic1", "type", "veth", "peer", "name", "nic1p")
+            _sh("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", "nic1")
+            for link in ("nic1", "nic1p"):
+                _sh("ip", "-n", ns, "link", "set", link, "up")
+        etc = Path("/etc/netns") / ns / "hosts"
+        lines = [line for line in etc.read_text().splitlines() if not line.endswith(f" {name}")]
+        etc.write_text("\n".join([*lines, *([f"{address} {name}"] if address else [])]) + "\n")
+
     # ------------------------------------------------------------------ processes
     def command(self, name: str, argv: list[str]) -> list[str]:
         """``argv`` as run on host ``name`` (its namespace, hostname and private directory)."""
@@ -130,9 +144,10 @@ class Hosts:
         self.procs.append(proc)
         return proc
 
-    def run(self, name: str, argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    def run(self, name: str, argv: list[str], timeout: float = 60, env: dict[str, str] | None = None,
+            ) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(name, argv), capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, env=env)
 
     def pids(self, name: str) -> list[int]:
         """Every process in host ``name``'s network namespace."""

@@ -228,7 +228,7 @@ def test_network_check_names_the_interface_and_can_be_skipped(small_mnist, tmp_p
     proc = ok(torchrun(2, str(TRAIN_SCRIPT), "--data-dir", str(small_mnist), "--out-dir", str(out),
                        "--max-steps", "3", *QUIET, env=env, timeout=300))
     line = [x for x in proc.stdout.splitlines() if x.startswith("network check: ")]
-    assert len(line) == 1 and "gloo, 2 ranks" in line[0] and "interface lo 127.0.0.1" in line[0], proc.stdout
+    assert len(line) == 1 and "gloo, 2 rank(s) on 1 host(s)" in line[0] and "interface lo 127.0.0.1" in line[0], proc.stdout
     ranks = read_json(out / "config.json")["network"]["ranks"]
     assert [(r["value"], r["interface"], r["address"]) for r in ranks] == [("lo", "lo", "127.0.0.1")] * 2
     skipped = tmp_path / "skipped"

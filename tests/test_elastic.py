@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -248,13 +249,20 @@ def test_scale_down_without_stopping_the_job(small_mnist, tmp_path):
     assert summary["world_sizes"] == [2, 1], summary["world_sizes"]
     assert summary["test_accuracy"] >= 0.9 and summary["epochs"] == 4 and summary["global_step"] == 92
     assert [m["world_size"] for m in read_jsonl(out / "metrics.jsonl")][-1] == 1
+    # the restart is on record: the checkpoint it resumed from, how far the first attempt got, the steps lost
+    (restart,) = summary["restarts"]
+    assert restart["attempt"] == 1 and restart["world_size"] == 1, restart
+    assert restart["resumed_at_step"] >= 30 and restart["resumed_from"].endswith(f"step-{restart['resumed_at_step']:08d}.pt")
+    assert restart["reached_step"] >= restart["resumed_at_step"], restart  # the first attempt's last heartbeats
+    assert restart["lost_steps"] == restart["reached_step"] - restart["resumed_at_step"], restart
+    assert f"restart 1 of this job at world size 1: resumed at global step {restart['resumed_at_step']}" in stdout
 
 
 @pytest.mark.slow
 def test_resume_without_a_shared_filesystem(small_mnist, tmp_path):
     """Two agents in different working directories, a relative --out-dir: two separate trees, as on
-    two nodes without shared storage. Only global rank 0's tree holds the run; the resume reads the
-    checkpoint there and broadcasts it, and the other tree still holds nothing."""
+    two nodes without shared storage. Each tree gets a copy of every checkpoint (elastic.py); with
+    rank 0's copies gone, the resume reads the newest copy where it is (rank 1's tree) and broadcasts it."""
     trees = [tmp_path / "node-a", tmp_path / "node-b"]
     for tree in trees:
         tree.mkdir()
@@ -263,29 +271,29 @@ def test_resume_without_a_shared_filesystem(small_mnist, tmp_path):
     def launch(*extra: str, env: dict | None = None) -> list[tuple[int, str, str]]:
         port = free_port()
         procs = []
-        for i, tree in enumerate(trees):
+        for i, tree in enumerate(trees):  # the first agent has the lower pid: its worker is rank 0 (c10d)
             procs.append(agent(small_mnist, Path("run"), port, *common, *extra, nnodes="2", cwd=tree, env=env,
                                max_restarts=0))
             if i == 0:
                 time.sleep(2)
         return [finish(p, 600) for p in procs]
 
-    def local_files(tree: Path) -> set[str]:
-        return {p.name for p in (tree / "run").iterdir()} if (tree / "run").exists() else set()
-
     crashed = launch(env=child_env(MNIST_DIST_FAULT="raise,rank=0,step=45"))  # epoch ends: steps 23, 46
     assert all(code != 0 for code, _, _ in crashed)
-    holder = [t for t in trees if (t / "run" / "checkpoints").exists()]
-    assert len(holder) == 1, "exactly one tree (global rank 0's) holds the run"
-    holder, other = holder[0], next(t for t in trees if t != holder[0])
-    # the other node's ranks leave only their own failure reports there (diagnostics/watchdog.py)
-    assert local_files(other) <= {"debug"}, local_files(other)
-    assert [c.name for c in checkpoint.list_checkpoints(holder / "run")][-1] == "step-00000040.pt"
+    assert "do not see rank 0's run/checkpoints: each keeps a copy of every checkpoint there" in crashed[0][1], crashed
+    rank0, other = trees
+    assert (rank0 / "run" / "config.json").is_file() and not (other / "run" / "config.json").exists()
+    copies = [[c.name for c in checkpoint.list_checkpoints(t / "run")] for t in trees]
+    assert copies[0] == copies[1] and copies[0][-1] == "step-00000040.pt", copies  # the same files on both
+    digests = [checkpoint.load(t / "run" / "checkpoints" / "step-00000040.pt")["sha256"] for t in trees]
+    assert digests[0] == digests[1]
+    shutil.rmtree(rank0 / "run" / "checkpoints")  # rank 0's host lost its disk: the newest copy is elsewhere
     results = launch("--resume", "auto")
     assert all(code == 0 for code, _, _ in results), results
-    assert any("resumed from run/checkpoints/step-00000040.pt" in out for _, out, _ in results), results
-    assert read_json(holder / "run" / "summary.json")["global_step"] == 60
-    assert local_files(other) <= {"debug"}, "the other node wrote or needed nothing of the run"
+    assert "resumed from run/checkpoints/step-00000040.pt" in results[0][1], results
+    assert read_json(rank0 / "run" / "summary.json")["global_step"] == 60
+    assert [c.name for c in checkpoint.list_checkpoints(rank0 / "run")][-1] == "step-00000060.pt"
+    assert [c.name for c in checkpoint.list_checkpoints(other / "run")][-1] == "step-00000060.pt"
 
 
 # ----------------------------------------------------------------------------- format versions

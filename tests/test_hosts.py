@@ -14,7 +14,9 @@ real packets dropped. Root only; skipped, saying why, where namespaces or iptabl
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -43,15 +45,16 @@ def hosts(tmp_path):
         yield h
 
 
-def launch(hosts: Hosts, data: Path, *flags: str, env: dict[str, str] | None = None) -> dict[str, subprocess.Popen]:
-    """torchrun on every host (1 rank each; c10d rendezvous on host A), output into <root>/<host>.log;
-    the data copied into each host's private directory (no shared storage)."""
+def launch(hosts: Hosts, data: Path, *flags: str, env: dict[str, str] | None = None, torchrun: tuple = (),
+           order: tuple = (), endpoint: str = "") -> dict[str, subprocess.Popen]:
+    """torchrun on every host (1 rank each; c10d rendezvous on host A unless ``torchrun`` says otherwise),
+    output into <root>/<host>.log; the data copied into each host's private directory (no shared storage)."""
     procs = {}
-    for name in hosts.names:
+    for name in order or hosts.names:
         shutil.copytree(data, hosts.private(name) / "data")
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={len(hosts.names)}", "--nproc_per_node=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint={hosts.address['host-a']}:{RDZV_PORT}", "--rdzv-id=hosts",
-               str(TRAIN_SCRIPT), "--data-dir", str(hosts.mount_point / "data"), "--out-dir",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint or hosts.address['host-a']}:{RDZV_PORT}", "--rdzv-id=hosts",
+               *torchrun, str(TRAIN_SCRIPT), "--data-dir", str(hosts.mount_point / "data"), "--out-dir",
                str(hosts.mount_point / "run"), *flags]
         log = open(hosts.root / f"{name}.log", "w")  # noqa: SIM115 - the process holds it
         procs[name] = hosts.popen(name, cmd, env=env or child_env(PYTHONPATH=str(REPO)), cwd=REPO, stdout=log,
@@ -230,6 +233,137 @@ def test_rank_stuck_in_its_own_code_on_a_cut_off_host_still_ends(hosts, small_mn
     wait_all(hosts, {"host-a": procs["host-a"]}, timeout=60)
     assert "[rank 0] error: missing: rank 1;" in log_of(hosts, "host-a"), log_of(hosts, "host-a")
     print(f"stuck on a cut-off host: rank 1 ended {ended:.1f} s after the cut (--dist-timeout {timeout})")
+
+
+@pytest.mark.slow
+def test_elastic_job_survives_losing_rank_0s_host(hosts, small_mnist):
+    """torchrun --nnodes=1:2 on both hosts, the rendezvous on host B, rank 0 on host A (c10d ranks the
+    nodes by host name), private run directories: host B keeps a copy of every checkpoint. Host A dies
+    (every process SIGKILLed) after step 20: host B's agent re-forms the job at world size 1, its rank
+    resumes from its own copy of the newest checkpoint and finishes; summary.json records the restart
+    and the steps lost."""
+    flags = ("--epochs", "2", "--batch-size", "64", "--checkpoint-every", "10", "--resume", "auto", *QUIET)
+    env = child_env(PYTHONPATH=str(REPO), MNIST_DIST_FAULT="delay,point=step,rank=0,seconds=0.05")
+    elastic = ("--nnodes=1:2", "--max-restarts=3", f"--rdzv-endpoint={hosts.address['host-b']}:{RDZV_PORT}",
+               "--rdzv-conf=join_timeout=120,last_call_timeout=5,close_timeout=10")
+    procs = launch(hosts, small_mnist, *flags, env=env, torchrun=elastic, order=("host-b", "host-a"))
+    copies = hosts.private("host-b") / "run" / "checkpoints"
+    deadline = time.monotonic() + 180
+    while not (copies / "step-00000020.pt").exists():  # host B's copy: rank 1 writes it
+        assert all(p.poll() is None for p in procs.values()) and time.monotonic() < deadline, \
+            "\n".join(f"--- {n}:\n{log_of(hosts, n)[-3000:]}" for n in procs)
+        time.sleep(0.1)
+    assert not (hosts.private("host-b") / "run" / "config.json").exists(), "rank 0 is on host A"
+    for pid in hosts.pids("host-a"):  # the host dies: its agent and its rank at once
+        os.kill(pid, signal.SIGKILL)
+    wait_all(hosts, {"host-b": procs["host-b"]}, timeout=240)
+    log_b = log_of(hosts, "host-b")
+    assert procs["host-b"].returncode == 0, log_b
+    summary = read_json(hosts.private("host-b") / "run" / "summary.json")
+    (restart,) = summary["restarts"]
+    assert summary["world_sizes"] == [2, 1] and summary["epochs"] == 2, summary  # both epochs, whatever the steps
+    assert restart["world_size"] == 1 and restart["resumed_at_step"] >= 20, restart
+    assert restart["reached_step"] >= restart["resumed_at_step"], restart
+    assert f"restart 1 of this job at world size 1: resumed at global step {restart['resumed_at_step']}" in log_b
+    assert summary["test_accuracy"] > 0.9, summary
+
+
+@pytest.mark.slow
+def test_a_slow_link_is_reported_and_a_healed_stall_logged(hosts, small_mnist):
+    """Host B's link capped at 100 Mbit/s from the start: the network check measures each host's link
+    to rank 0 and warns of the low bandwidth; host B cut off for 12 s mid-run, then healed (under
+    --dist-timeout 40): the run goes on, and both ranks log how long they waited."""
+    hosts.cap("host-b", "100mbit", "256kbit")
+    env = child_env(PYTHONPATH=str(REPO), MNIST_DIST_FAULT="delay,point=step,rank=0,seconds=0.05")
+    procs = launch(hosts, small_mnist, "--dist-timeout", "40", "--epochs", "1", "--batch-size", "64",
+                   "--checkpoint-every", "10", *QUIET, env=env)
+    first_checkpoint(hosts, procs)
+    hosts.partition("host-b")
+    time.sleep(12)
+    hosts.heal("host-b")
+    wait_all(hosts, procs, timeout=180)
+    logs = {n: log_of(hosts, n) for n in procs}
+    assert all(p.returncode == 0 for p in procs.values()), logs
+    network = read_json(hosts.private("host-a") / "run" / "config.json")["network"]
+    link_b = network["hosts"][1]
+    assert network["hosts"][0]["host"] == "host-a" and network["hosts"][0]["rtt_ms"] is None, network
+    assert link_b["host"] == "host-b" and link_b["ranks"] == [1] and 0 < link_b["rtt_ms"] < 50, network
+    assert 0.005 < link_b["gbps"] < 0.0125 * 1.2, network  # 100 Mbit/s = 0.0125 GB/s
+    assert "warning: low network bandwidth:" in logs["host-a"] and "host-b " in logs["host-a"], logs["host-a"]
+    assert "Mbit/s to rank 0" in logs["host-a"], logs["host-a"]
+    for name, rank in (("host-a", 0), ("host-b", 1)):
+        healed = [x for x in logs[name].splitlines() if x.startswith(f"[rank {rank}] warning: waited ")]
+        assert healed and "then went on: a network stall that healed" in healed[0], logs[name]
+        assert 10 <= float(healed[0].split("waited ")[1].split(" s")[0]) < 40, healed
+    events = read_json(hosts.private("host-a") / "run" / "debug" / "rank-0.json")["events"]
+    assert [e["kind"] for e in events] == ["healed-stall"] and 10 <= events[0]["seconds"] < 40, events
+
+
+# ----------------------------------------------------------------------------- start-up address mistakes
+@pytest.mark.slow
+def test_hosts_whose_name_resolves_to_loopback_still_train(hosts, small_mnist):
+    """Debian's ``127.0.1.1 <hostname>`` on both hosts: gloo would bind the ranks to loopback (the
+    other host's connection refused). Each host's first rank sees it, sets GLOO_SOCKET_IFNAME to the
+    interface the other hosts reach it through (eth0), says so in one notice, and the job trains."""
+    for name in hosts.names:
+        hosts.name_resolves_to(name, "127.0.1.1")
+    # by name: torchrun hosts its store where the endpoint matches the host's name (its address would not)
+    procs = launch(hosts, small_mnist, "--max-steps", "10", "--epochs", "1", "--dist-timeout", "20", *QUIET,
+                   endpoint="host-a")
+    wait_all(hosts, procs, timeout=180)
+    logs = {n: log_of(hosts, n) for n in procs}
+    assert all(p.returncode == 0 for p in procs.values()), logs
+    for name in hosts.names:
+        assert (f"notice: {name}: its name {name} resolves to 127.0.1.1, a loopback address, which other hosts "
+                f"cannot reach: gloo uses eth0 ({hosts.address[name]})") in logs[name], logs[name]
+    network = read_json(hosts.private("host-a") / "run" / "config.json")["network"]
+    assert [(r["interface"], r["address"], r["chosen_by"]) for r in network["ranks"]] == \
+        [("eth0", hosts.address[n], "GLOO_SOCKET_IFNAME") for n in hosts.names], network
+
+
+@pytest.mark.slow
+def test_a_host_name_on_an_unreachable_interface_fails_in_one_line(hosts, small_mnist):
+    """Host A's name resolves to a second NIC (10.99.0.1) host B has no route to: before any process
+    group, every rank stops with the same one line naming host A, the address and the variable to
+    set, well within --dist-timeout + 60 s (it was 5 x --dist-timeout and a gloo traceback)."""
+    hosts.name_resolves_to("host-a", "10.99.0.1", second_nic=True)
+    start = time.monotonic()
+    procs = launch(hosts, small_mnist, "--dist-timeout", "20", *QUIET, endpoint="host-a")
+    wait_all(hosts, procs, timeout=140)
+    took, logs = time.monotonic() - start, {n: log_of(hosts, n) for n in procs}
+    line = ("error: host-b cannot reach host-a at 10.99.0.1:")
+    advice = "set GLOO_SOCKET_IFNAME=eth0 on host-a (an interface host-b has a route to)"
+    for name in hosts.names:
+        assert procs[name].returncode != 0, logs[name]
+        errors = [x for x in logs[name].splitlines() if line in x]
+        assert errors and advice in errors[0] and "Network is unreachable" in errors[0], logs[name]
+        # the rank's one line (torchrun then prints its own summary with the error file's traceback)
+        assert len([x for x in logs[name].splitlines() if x.startswith("[rank ") and " error: " in x]) == 1, logs[name]
+    assert took < 20 + 60, took
+
+
+def test_preflight_names_host_name_mistakes(hosts, small_mnist):
+    """``python -m mnist_dist.preflight`` on each host, before any torchrun: the endpoint given as the
+    address of a host whose name resolves to 127.0.1.1 (torchrun would serve its store nowhere), the
+    same host named (a note: the job picks eth0 itself), a host whose name does not resolve."""
+    env = child_env(PYTHONPATH=str(REPO))
+    preflight = [sys.executable, "-m", "mnist_dist.preflight", "--nproc-per-node", "1", "--data-dir", str(small_mnist)]
+    hosts.name_resolves_to("host-a", "127.0.1.1")
+    by_address = hosts.run("host-a", [*preflight, f"--rdzv-endpoint={hosts.address['host-a']}:{RDZV_PORT}"], env=env)
+    assert by_address.returncode == 2 and by_address.stderr.startswith(
+        "error: preflight on host-a: rendezvous endpoint 10.77.0.1 is an address of this node, but torchrun will "
+        "not serve its store here: it matches the endpoint against this node's name (host-a -> 127.0.1.1)"), by_address
+    assert "(RDZV_HOST=host-a)" in by_address.stderr and len(by_address.stderr.splitlines()) == 1, by_address.stderr
+    by_name = hosts.run("host-a", [*preflight, f"--rdzv-endpoint=host-a:{RDZV_PORT}"], env=env)
+    assert by_name.returncode == 0, by_name
+    assert ("name host-a: its name host-a resolves to 127.0.1.1, a loopback address: the job sets "
+            "GLOO_SOCKET_IFNAME=eth0 itself; with NCCL set NCCL_SOCKET_IFNAME=eth0") in by_name.stdout, by_name
+    hosts.name_resolves_to("host-b", None)
+    nameless = hosts.run("host-b", [*preflight, f"--rdzv-endpoint=host-a:{RDZV_PORT}"],
+                         env={**env, "SLURM_NODEID": "1"})
+    assert nameless.returncode == 2 and nameless.stderr.strip() == (
+        "error: preflight on host-b: this node's name host-b does not resolve, and torchrun's rendezvous needs it "
+        "to: add '10.77.0.2 host-b' to /etc/hosts (eth0 (10.77.0.2))"), nameless
 
 
 # ----------------------------------------------------------------------------- dumps from two threads

@@ -83,9 +83,9 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 LAYERS = (
     ("errors", "console"),
     ("config", "config_file", "rng", "callbacks", "lagged"),
-    ("dist", "models", "data"),
+    ("dist", "addresses", "models", "data"),
     ("engines", "metrics", "optim", "clock", "stopping"),
-    ("checkpoint", "dcp", "trainer", "outputs", "diagnostics", "faults"),
+    ("checkpoint", "dcp", "elastic", "trainer", "outputs", "diagnostics", "faults"),
     ("train",),
     ("entry", "cli", "tools", "launchers", "sweep", "preflight", "__main__", ""),
 )

@@ -56,7 +56,10 @@ class HeartbeatStore:
         self._failing: float | None = None  # when the calls began to fail (timed out or refused): the streak
 
     @classmethod
-    def connect(cls, rank: int, timeout_s: float, call_timeout: float = 5.0) -> "HeartbeatStore | None":
+    def connect(cls, rank: int, timeout_s: float, call_timeout: float = 5.0,
+                attempt: int | None = None) -> "HeartbeatStore | None":
+        """This rank's store client (None without a launcher store); ``attempt``: another restart
+        attempt's beats (default: this one's)."""
         addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
         if not addr or not port:
             return None
@@ -73,7 +76,7 @@ class HeartbeatStore:
         opened.join(timeout_s + 1.0)  # diagnostics never stop training: no store, no heartbeats
         if "value" not in box:
             return None
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") if attempt is None else attempt
         return cls(dist.PrefixStore(f"mnist-dist/attempt_{attempt}/heartbeat/", box["value"]), rank,
                    f"{addr}:{port}", call_timeout)
 
@@ -124,6 +127,21 @@ class HeartbeatStore:
     def _read_all(self, world_size: int) -> dict[int, Any]:
         return {rank: self.store.get(str(rank)) if self.store.check([str(rank)]) else None
                 for rank in range(world_size)}
+
+    def read_all(self, limit: int = 65536) -> dict[int, dict[str, Any]]:
+        """Every beat of ranks 0, 1, ... up to the first rank that left none (an earlier attempt's,
+        whose world size is not known); {} when the store does not answer."""
+        def beats() -> dict[int, Any]:
+            found: dict[int, Any] = {}
+            while len(found) < limit and self.store.check([str(len(found))]):
+                found[len(found)] = json.loads(self.store.get(str(len(found))))
+            return found
+
+        try:
+            return self.call(beats)
+        except Exception as exc:  # noqa: BLE001
+            self.error = f"{type(exc).__name__}: {exc}"
+            return {}
 
     def read(self, world_size: int) -> dict[int, dict[str, Any] | None]:
         """Every rank's last beat (None: never published, or the store did not answer), with ``age``

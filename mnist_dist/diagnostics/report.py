@@ -52,4 +52,8 @@ def cut_off_lines(rank: int, host: str, address: str, lost: float, failed: str, 
             f"answer for {lost:.0f} s), and {failed}",
             f"this host ({host}) is cut off from the other ranks (a network partition), or the store's host is "
             f"down; the reports on the other side name the ranks they lost",
+            f"if the store's host is down the job cannot go on, even elastic (--nnodes=MIN:MAX): c10d's rendezvous "
+            f"lives in the torchrun agent at {address}; run the job again with --resume auto (it resumes from the "
+            f"newest checkpoint on any host), or keep the rendezvous on a host that does not train "
+            f"(docs/launching.md, \"Elastic across hosts\")",
             *(f"rank {other}: unreachable from here" for other in others)]

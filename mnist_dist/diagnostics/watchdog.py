@@ -51,6 +51,7 @@ from .report import barrier_names, cut_off_lines, peer_lines, position_text
 from .stacks import HEADER, collective, describe, phase, thread_frames, traceback_frames
 
 STALL_FRACTION = 0.9  # of --dist-timeout without progress: dump the stacks
+HEALED_AFTER = 10.0  # s in one collective before going on: logged as a stall that healed
 EXIT_GRACE = 30.0  # s: under a launcher, a rank ends this long after its failure whatever its exit blocks on
 _FAILURE = re.compile(r"timed out|timeout|connection (closed|reset|refused)|broken pipe|monitoredbarrier|"
                       r"nccl|gloo|peer", re.IGNORECASE)
@@ -176,6 +177,7 @@ class Watchdog:
 
     def _run(self) -> None:
         self._last, self._since, self._stalled = None, time.monotonic(), False
+        self._waiting, self._waiting_at = False, {}  # the sample is inside a collective; where the run was
         self._next_beat, failed = self._since + self.interval, False
         while not self._stop.wait(min(0.5, self.interval)):
             try:
@@ -193,7 +195,10 @@ class Watchdog:
         sample = (tuple(self.position().values()), describe(frames))
         now = time.monotonic()
         if sample != self._last:
+            if self.armed and self._waiting and now - self._since >= HEALED_AFTER:
+                self.on_healed(now - self._since)
             self._last, self._since, self._stalled = sample, now, False
+            self._waiting, self._waiting_at = collective(frames) is not None, self.position()
         elif self.armed and not self._stalled and now - self._since >= STALL_FRACTION * self.timeout:
             self._stalled = True
             self.on_stall(now - self._since, frames)
@@ -274,6 +279,14 @@ class Watchdog:
                       "phase": phase(frames), **pos, "peers": peers, "status": status})
         print(f"[rank {self.env.rank}] warning: no progress for {seconds:.0f} s at {self.position_text(pos)}: "
               f"{where}; stacks in {self.txt}", file=sys.stderr, flush=True)
+
+    def on_healed(self, seconds: float) -> None:
+        """A collective that waited ``HEALED_AFTER`` s or more, then went on: said and recorded."""
+        where, pos = self._last[1], self._waiting_at
+        self._record({"kind": "healed-stall", "time": time.time(), "seconds": seconds, "where": where, **pos})
+        print(f"[rank {self.env.rank}] warning: waited {seconds:.1f} s in {where} at {self.position_text(pos)}, "
+              f"then went on: a network stall that healed, or a rank that was late (--dist-timeout "
+              f"{self.timeout:g} s)", file=sys.stderr, flush=True)
 
     def report_failure(self, exc: BaseException) -> str:
         """The report of a failed collective (see the module docstring); returns its text."""

@@ -81,8 +81,7 @@ class RunDir:
     """Writes a run directory; every method is a no-op on ranks other than 0."""
 
     def __init__(self, path: str | os.PathLike, enabled: bool) -> None:
-        self.path = Path(path)
-        self.enabled = enabled
+        self.path, self.enabled = Path(path), enabled
         self.owner: Any = None  # owner.Owner: rank 0's claim on the directory
 
     @classmethod

@@ -108,7 +108,8 @@ def render(d: dict[str, Any]) -> list[str]:
     for r in d["ranks"]:
         own, beat = r["report"], r["last_heartbeat"]
         if own:
-            what = {"failure": "failed", "stall": "stalled"}.get(own["kind"], own["kind"])
+            what = {"failure": "failed", "stall": "stalled", "healed-stall": "went on after a stall"}.get(own["kind"],
+                                                                                         own["kind"])
             text = f"{what} at {_position(own)} ({own.get('phase') or '?'}) in {own['where']}"
             stall = next((e for e in reversed(r["events"][:-1]) if e["kind"] == "stall"), None)
             if stall and stall["where"] != own["where"]:
