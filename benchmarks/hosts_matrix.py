@@ -46,6 +46,7 @@ ROWS = {
     "cut-heal": ("host B cut off for 5 s, then healed", SLOW, None),
     "loss": ("10% of host B's packets dropped (each way)", SLOW, None),
     "cap": ("host B's link capped at 10 Mbit/s (tc tbf, each way)", SLOW, None),
+    "delay": ("host B's packets held 50 ms (NFQUEUE shaper: +50 ms round trip)", SLOW, None),
     "stuck-partition": ("rank 1 stuck in its own code (asleep at step 12), host B partitioned", f"{SLOW};{STUCK}",
                         None),
     "partition-a": ("partition of host A (the store's host)", SLOW, None),
@@ -89,6 +90,8 @@ def apply(hosts: Hosts, row: str) -> None:
         hosts.loss("host-b", 0.10)
     elif row == "cap":
         hosts.cap("host-b", "10mbit", "64kbit")
+    elif row == "delay":
+        hosts.delay("host-b", 0.05)
 
 
 def first_error(log: str) -> str:
@@ -151,6 +154,102 @@ def run_row(root: Path, data: Path, row: str, timeout: float, agent_wait: float)
             "report_b": first_error(logs["host-b"])}
 
 
+# ----------------------------------------------------------------------------- elastic, 3 hosts, addresses
+# name: (what, hosts, where the rendezvous store is ("agent:<host>" or "standalone:<host>"), the fault, its
+# host, torchrun's --nnodes). Faults: kill (every process of the host SIGKILLed), partition, loopback-names
+# (every host's /etc/hosts: 127.0.1.1 <own name>), second-nic (the host's name on an interface nobody reaches).
+SCENARIOS = {
+    "three-hosts": ("3 hosts, no fault", ("host-a", "host-b", "host-c"), "agent:host-a", "", "", "3"),
+    "three-partition-c": ("3 hosts, host C partitioned", ("host-a", "host-b", "host-c"), "agent:host-a",
+                          "partition", "host-c", "3"),
+    "elastic-kill-a": ("elastic 1:2, host A (rank 0) killed; store on host B", ("host-a", "host-b"),
+                       "agent:host-b", "kill", "host-a", "1:2"),
+    "elastic-partition-a": ("elastic 1:2, host A (rank 0) partitioned; store on host B", ("host-a", "host-b"),
+                            "agent:host-b", "partition", "host-a", "1:2"),
+    "elastic-kill-b": ("elastic 1:2, host B (the store's) killed", ("host-a", "host-b"), "agent:host-b", "kill",
+                       "host-b", "1:2"),
+    "standalone-kill-a": ("elastic 1:2, store on host S (trains not), host A (rank 0) killed",
+                          ("host-a", "host-b", "host-s"), "standalone:host-s", "kill", "host-a", "1:2"),
+    "standalone-kill-b": ("elastic 1:2, store on host S (trains not), host B killed",
+                          ("host-a", "host-b", "host-s"), "standalone:host-s", "kill", "host-b", "1:2"),
+    "loopback-names": ("every host's name on 127.0.1.1 (Debian's /etc/hosts)", ("host-a", "host-b"),
+                       "agent:host-a", "loopback-names", "", "2"),
+    "second-nic": ("host A's name on a second NIC host B cannot reach", ("host-a", "host-b"), "agent:host-a",
+                   "second-nic", "host-a", "2"),
+}
+STORE = ("import time, torch.distributed as d\ns = d.TCPStore('0.0.0.0', 29400, is_master=True, "
+         "wait_for_workers=False)\ntime.sleep(10 ** 6)")
+
+
+def run_scenario(root: Path, data: Path, name: str, timeout: float) -> dict:
+    """One scenario: torchrun on every training host (the store's host named by name, as torchrun
+    recognises its own), the fault at the first checkpoint anywhere (or at the start), then until
+    every torchrun ended (at most ``timeout`` + 240 s)."""
+    what, names, store, fault, target, nnodes = SCENARIOS[name]
+    kind, store_host = store.split(":")
+    trainers = [h for h in names if h != "host-s"]
+    with Hosts(root / name, list(names)) as hosts:
+        if fault == "loopback-names":
+            for host in trainers:
+                hosts.name_resolves_to(host, "127.0.1.1")
+        elif fault == "second-nic":
+            hosts.name_resolves_to(target, "10.99.0.1", second_nic=True)
+        if kind == "standalone":
+            hosts.popen(store_host, [sys.executable, "-c", STORE])
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+        env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", MNIST_DIST_ALLOW_SUBSET="1",
+                   PYTHONUNBUFFERED="1", WANDB_MODE="offline", MNIST_DIST_FAULT=SLOW)
+        procs, started = {}, time.monotonic()
+        for host in sorted(trainers, key=lambda h: h != store_host):  # the store's agent first
+            shutil.copytree(data, hosts.private(host) / "data")
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", "--nproc_per_node=1",
+                   "--max-restarts=3", "--rdzv-backend=c10d", f"--rdzv-endpoint={store_host}:29400",
+                   "--rdzv-id=matrix", "--rdzv-conf=join_timeout=120,last_call_timeout=5,close_timeout=10",
+                   str(REPO / "train_ddp.py"), "--data-dir", str(hosts.mount_point / "data"), "--out-dir",
+                   str(hosts.mount_point / "run"), "--dist-timeout", str(timeout), "--epochs", "1", "--batch-size",
+                   "96", "--checkpoint-every", "10", "--threads", "1", "--resume", "auto", "--no-progress",
+                   "--no-plots", "--no-export"]
+            with open(hosts.root / f"{host}.log", "w") as log:
+                procs[host] = hosts.popen(host, cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        if fault in ("kill", "partition"):
+            while time.monotonic() - started < 300 and all(p.poll() is None for p in procs.values()):
+                if any(list(hosts.private(h).glob("run/checkpoints/step-*.pt")) for h in trainers):
+                    break
+                time.sleep(0.1)
+            if fault == "kill":
+                for pid in hosts.pids(target):
+                    os.kill(pid, 9)
+            else:
+                hosts.partition(target)
+        fault_at, ends = time.monotonic(), {}
+        while time.monotonic() - fault_at < timeout + 240 and len(ends) < len(procs):
+            for host, proc in procs.items():
+                if host not in ends and proc.poll() is not None:
+                    ends[host] = (proc.returncode, time.monotonic() - fault_at)
+            time.sleep(0.2)
+        for host in procs:
+            ends.setdefault(host, ("blocked", time.monotonic() - fault_at))
+        summaries = [json.loads(f.read_text()) for h in trainers for f in hosts.private(h).glob("run/summary.json")]
+        logs = {h: (hosts.root / f"{h}.log").read_text(errors="replace") for h in trainers}
+    summary = summaries[0] if summaries else {}
+    restart = (summary.get("restarts") or [{}])[-1]
+    return {"row": name, "what": what, "ends": ends, "accuracy": summary.get("test_accuracy"),
+            "world_sizes": summary.get("world_sizes"), "resumed_at": restart.get("resumed_at_step"),
+            "lost": restart.get("lost_steps"), "reports": {h: first_error(logs[h]) for h in trainers}}
+
+
+def scenario_table(results: list[dict], timeout: float) -> str:
+    lines = [f"| scenario (--dist-timeout {timeout:g}) | each host's torchrun | world sizes | resumed at step "
+             f"(steps lost) | test acc | the first error line of each host |", "|---|---|---|---|---:|---|"]
+    for r in results:
+        ends = "; ".join(f"{h[-1].upper()}: {cell(e)}" for h, e in r["ends"].items())
+        resumed = f"{r['resumed_at']} ({r['lost']})" if r["resumed_at"] is not None else "—"
+        acc = f"{r['accuracy']:.2%}" if r["accuracy"] is not None else "—"
+        said = "; ".join(f"{h[-1].upper()}: {t}" for h, t in r["reports"].items() if t) or "—"
+        lines.append(f"| {r['what']} | {ends} | {r['world_sizes'] or '—'} | {resumed} | {acc} | {said} |")
+    return "\n".join(lines)
+
+
 def cell(end: tuple) -> str:
     code, seconds = end
     if code == "blocked":
@@ -172,7 +271,7 @@ def table(results: list[dict], timeout: float) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dist-timeout", type=float, default=20.0)
-    parser.add_argument("--only", default="", help=f"comma-separated rows of: {', '.join(ROWS)}")
+    parser.add_argument("--only", default="", help=f"comma-separated rows of: {', '.join([*ROWS, *SCENARIOS])}")
     parser.add_argument("--agent-wait", type=float, default=60.0,
                         help="seconds to wait for host B's torchrun after both ranks ended (the retries2 row: 180)")
     parser.add_argument("--keep", default="", help="keep every row's hosts' files and logs under this directory")
@@ -191,8 +290,12 @@ def main() -> int:
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="hosts-matrix-"))
     try:
         data = make_small_mnist(root / "small", real)
-        results = []
+        results, scenarios = [], []
         for row in rows:
+            if row in SCENARIOS:
+                scenarios.append(run_scenario(root, data, row, args.dist_timeout))
+                print(f"{row}: {scenarios[-1]['ends']}", file=sys.stderr, flush=True)
+                continue
             wait = max(args.agent_wait, 180.0) if row == "partition-retries2" else args.agent_wait
             results.append(run_row(root, data, row, args.dist_timeout, wait))
             print(f"{row}: {results[-1]['ends']}", file=sys.stderr, flush=True)
@@ -200,7 +303,10 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     print(f"{datetime.date.today()}, {os.cpu_count()} cores, torch {__import__('torch').__version__}")
-    print(table(results, args.dist_timeout))
+    if results:
+        print(table(results, args.dist_timeout))
+    if scenarios:
+        print(scenario_table(scenarios, args.dist_timeout))
     return 0
 
 

@@ -201,7 +201,7 @@ def newest_loadable(out_dir: str | os.PathLike) -> Path | None:
 
 # ----------------------------------------------------------------------------- resumes and saves
 class Stateful(Protocol):
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self, weights: bool = True) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> str: ...
 
@@ -230,7 +230,7 @@ class Checkpoints:
         Returns the file's path on rank 0 (None elsewhere)."""
         env = self.env
         checked_barrier(env, self.cfg.dist_timeout)  # names the ranks that did not come
-        state = trainer.state_dict()
+        state = trainer.state_dict(weights=self.cfg.checkpoint_format == "full")  # dcp: each rank saves its shards
         metrics = metrics if metrics is not None else {k: state[k] for k in ("epoch", "step_in_epoch", "global_step")}
         if self.cfg.checkpoint_format == "dcp":  # every rank writes its shards (dcp.py)
             from . import dcp

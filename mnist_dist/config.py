@@ -224,6 +224,8 @@ _CHECKS: tuple[tuple[tuple[str, ...], Any, str], ...] = (
     (("lr", "dist_timeout", "stop_check_every", "log_every", "wandb_every"), lambda v: v > 0, "must be positive"),
     (("label_smoothing", "aug_scale"), lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
     (("target_accuracy",), lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    (("dist_timeout",), lambda v: not v < float("inf") or v <= 7 * 86400,  # inf, nan: the finite check's
+     "must be at most 604800 s (a week: the timedelta of every wait)"),
 )
 _CHOICES = {"amp": AMP_MODES, "loader": LOADERS, "schedule": SCHEDULES, "optimizer": OPTIMIZERS,
             "backend": BACKENDS, "device": ("auto", "cpu", "cuda"), "compile_mode": COMPILE_MODES,

@@ -9,9 +9,10 @@
 * **The newest checkpoint anywhere.** ``--resume auto`` gathers every holder's list, tries the newest
   first, read by a rank that holds it and broadcast (a host that was away during the last saves does
   not hold the job back to its older files).
-* **Restarts, recorded.** On a restart (``TORCHELASTIC_RESTART_COUNT`` > 0) rank 0 reads how far the
-  previous attempt got (the last heartbeats its ranks left in the agent's store, which outlives
-  them); the steps between that and the checkpoint resumed from are lost work. Each restart goes into
+* **Restarts, recorded.** On a restart (``TORCHELASTIC_RESTART_COUNT`` > 0) the ranks learn how far the
+  previous attempt got: from the failure reports its surviving ranks left in ``<out-dir>/debug/`` on
+  every host, and from its heartbeats where the store that holds them outlived it (it is served from
+  rank 0's host); the steps between that and the checkpoint resumed from are lost work. Each restart goes into
   ``summary.json``'s ``restarts`` (attempt, world size, checkpoint, resumed and reached steps, lost
   steps), and a restart that finds no checkpoint anywhere says so as a warning.
 
@@ -27,6 +28,8 @@ import secrets
 import socket
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .checkpoint import Checkpoints, Stateful, checkpoint_dir, list_checkpoints, save
 from .console import log, warn
@@ -54,6 +57,17 @@ def private_hosts(out_dir: str | os.PathLike, env: DistEnv) -> list[int]:
     if env.is_main:
         Path(probe).unlink(missing_ok=True)
     return [rank for rank, sees in enumerate(seen) if not sees]
+
+
+def cpu_copy(state: Any) -> Any:
+    """``state`` with every tensor on the CPU (the copies are written, like rank 0's, from host memory)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {k: cpu_copy(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(cpu_copy(v) for v in state)
+    return state
 
 
 def step_of(name: str) -> int:
@@ -105,8 +119,11 @@ class ElasticCheckpoints(Checkpoints):
     def __init__(self, cfg: Any, env: DistEnv) -> None:
         super().__init__(cfg, env)
         self.copies: list[int] = []  # ranks (a host's first) that keep their own copy of each checkpoint
+        self.copy_group = None  # rank 0 and those ranks: the checkpoint's state is broadcast to them only
         if env.distributed and env.world_size > env.local_world_size and cfg.checkpoint_format == "full":
             self.copies = private_hosts(cfg.out_dir, env)
+            if self.copies:  # a collective: every rank makes the group, its members use it
+                self.copy_group = torch.distributed.new_group(ranks=[0, *self.copies])
         hosts = gather_objects(socket.gethostname(), env)
         if self.copies:
             log(env, f"checkpoints: {', '.join(f'rank {r} ({hosts[r]})' for r in self.copies)} do not see rank 0's "
@@ -118,9 +135,11 @@ class ElasticCheckpoints(Checkpoints):
         if not self.copies:
             return super().write(full)
         env = self.env
-        full = broadcast_object(full, env)
         path = error = None
         if env.is_main or env.rank in self.copies:
+            box = [cpu_copy(full) if env.is_main else None]  # what rank 0 writes, to the holders of copies
+            torch.distributed.broadcast_object_list(box, src=0, group=self.copy_group)
+            full = box[0]
             try:
                 path = str(save(self.cfg.out_dir, full, self.cfg.keep, self.before_rename if env.is_main else None))
             except UserError as exc:

@@ -189,12 +189,14 @@ class Trainer:
         self.rewound = max(self.rewound, total)
 
     # ------------------------------------------------------------------ the state contract
-    def state_dict(self) -> dict[str, Any]:
-        """This rank's state (its RNGs, its epoch sums); the schedule counts the steps really taken."""
+    def state_dict(self, weights: bool = True) -> dict[str, Any]:
+        """This rank's state (its RNGs, its epoch sums); the schedule counts the steps really taken.
+        ``weights`` False: no model or optimizer (a sharded checkpoint saves them from every rank)."""
         self.reconcile_schedule()
         return {
-            "model": self.engine.model_state(self.model),  # collectives under fsdp2: every rank calls this
-            "optimizer": self.engine.optimizer_state(self.model, self.optimizer),
+            # collectives under fsdp2: every rank calls these
+            "model": self.engine.model_state(self.model) if weights else {},
+            "optimizer": self.engine.optimizer_state(self.model, self.optimizer) if weights else {},
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.precision.scaler.state_dict(),
             "precision": self.precision.name,

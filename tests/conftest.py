@@ -180,6 +180,17 @@ def make_fake_mnist(root: Path, n_train: int = 60000, n_test: int = 10000, seed:
     return root
 
 
+class CodeRunningPayload:
+    """What a crafted pickle (a checkpoint, a DCP ``.metadata``) would carry: unpickling it runs
+    ``touch MARKER`` through ``os.system``, so whether a reader ran it shows on disk."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     """Non-zero exit, no traceback, and an ``error:`` line that mentions every needle."""
     assert proc.returncode != 0, f"expected failure\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"

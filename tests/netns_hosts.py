@@ -17,8 +17,9 @@ host (``unshare --mount``): a run directory that is not shared, as on separate m
 Faults are real packets dropped or held: ``partition``/``heal`` (iptables DROP on the receivers: in
 the host's namespace for what it receives, in every other host's for what it sends, so that no sender
 sees a local error), ``loss`` (the same with ``-m statistic --mode random``), ``cap`` (``tc tbf`` on
-both ends of the host's link). This kernel has no ``netem``: no delay. ``close`` (and leaving the
-``with``) kills every process left in the namespaces, by pid, and deletes them.
+both ends of the host's link), ``delay`` (this kernel has no ``netem``: the host's outgoing packets go
+to NFQUEUE and ``netns_delay.py`` holds each for the delay). ``close`` (and leaving the ``with``) kills
+every process left in the namespaces, by pid, and deletes them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 TOOLS = ("ip", "iptables", "tc", "unshare", "mount", "hostname")
@@ -183,6 +185,20 @@ class Hosts:
             else:
                 keep.append((ns, rule))
         self.rules = keep
+
+    def delay(self, name: str, seconds: float) -> None:
+        """Hold every packet host ``name`` sends for ``seconds`` (tests/netns_delay.py: NFQUEUE and a
+        user-space shaper, this kernel having no netem): its round trip to every host grows by that."""
+        ns = self.ns(name)
+        shaper = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, str(Path(__file__).with_name(
+            "netns_delay.py")), str(seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True, stdin=subprocess.DEVNULL)
+        self.procs.append(shaper)
+        line = shaper.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"the delay shaper did not start: {line}{shaper.stderr.read()}")
+        rule = ["-o", "eth0", "-j", "NFQUEUE", "--queue-num", "0", "--queue-bypass"]
+        _sh("ip", "netns", "exec", ns, "iptables", "-w", "-I", "OUTPUT", *rule)
 
     def cap(self, name: str, rate: str = "1mbit", burst: str = "32kbit", latency: str = "400ms") -> None:
         """Limit ``name``'s link to ``rate`` each way (tc tbf on both ends of its veth)."""

@@ -27,6 +27,7 @@ from conftest import (QUIET, TRAIN_SCRIPT, assert_one_line_error, make_fake_mnis
     (["--weight-decay", "-1"], "--weight-decay must be >= 0, got -1.0"),
     (["--aug-degrees", "nan"], "--aug-degrees must be >= 0, got nan"),
     (["--threads", "100000"], "--threads 100000 is more than 1024"),
+    (["--dist-timeout", "1e300"], "--dist-timeout must be at most 604800 s"),  # was timedelta's OverflowError
 ])
 def test_bad_flags(cli, args, needle, tmp_path):
     result = cli(*QUIET, *args, "--data-dir", tmp_path, "--out-dir", tmp_path / "run")

@@ -7,14 +7,13 @@ run in the full format, so every comparison also shows that the format does not 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, child_env, ok, python, read_json, torchrun
+from conftest import CodeRunningPayload, assert_one_line_error, child_env, ok, python, read_json, torchrun
 from mnist_dist import checkpoint, dcp
 from test_checkpoint import FLAGS, assert_bitwise_equal
 from test_checkpoint import train_flags as train
@@ -108,14 +107,9 @@ def test_a_changed_shard_is_caught_by_the_checksums(async_run, small_mnist, tmp_
 def test_a_crafted_metadata_runs_no_code(async_run, small_mnist, tmp_path):
     """torch's own reader runs the payload of a crafted .metadata; ours refuses it, in one line."""
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
     folder = tmp_path / "step-00000030"
     shutil.copytree(async_run / "checkpoints" / "step-00000030", folder)
-    (folder / ".metadata").write_bytes(pickle.dumps(Payload()))
+    (folder / ".metadata").write_bytes(pickle.dumps(CodeRunningPayload(marker)))
     sums = json.loads((folder / "checksums.json").read_text())  # an attacker rewrites those too
     sums[".metadata"] = dcp.file_digests(folder, [".metadata"])[".metadata"]
     (folder / "checksums.json").write_text(json.dumps(sums))

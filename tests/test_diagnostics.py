@@ -216,7 +216,8 @@ def test_sigusr2_writes_a_ranks_stacks_and_training_continues_unchanged(small_mn
     # the start-up network check of the same runs (config.json and the log line)
     network = read_json(out / "config.json")["network"]
     assert network["backend"] == "gloo" and network["all_reduce_ok"] and network["world_size"] == 2
-    assert network["busbw_gbps"] > 0 and network["latency_ms"] > 0 and network["bandwidth_bytes"] == 4 * 2 ** 20
+    assert network["busbw_gbps"] > 0 and network["latency_ms"] > 0  # 4 MiB unless one all_reduce took 0.25 s:
+    assert network["bandwidth_bytes"] in [64 * 2 ** 10 * 4 ** k for k in range(4)], network  # 64 KiB .. 4 MiB
     assert [r["variable"] for r in network["ranks"]] == ["GLOO_SOCKET_IFNAME"] * 2
     assert all(r["address"] and r["host"] for r in network["ranks"]), network
 

@@ -232,6 +232,13 @@ def test_doctor_on_a_directory_that_is_not_a_run_directory(tmp_path, cli):
     proc = cli("doctor", "--run-dir", tmp_path)
     assert proc.returncode == 2
     assert_one_line_error(proc, "is not as mnist-dist writes it")
+    # a crafted world size or rank number is refused at once, not looped over (it was slow)
+    (tmp_path / "debug" / "rank-0.json").unlink()
+    (tmp_path / "config.json").write_text('{"world_size": 1000000000000}')
+    assert_one_line_error(cli("doctor", "--run-dir", tmp_path), "is not an integer in 0..1048576")
+    (tmp_path / "config.json").write_text('{"world_size": 2}')
+    (tmp_path / "debug" / "rank-99999999999.txt").write_text("")
+    assert_one_line_error(cli("doctor", "--run-dir", tmp_path), "names rank 99999999999, more than doctor reads")
 
 
 # ----------------------------------------------------------------------------- sweep

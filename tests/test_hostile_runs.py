@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import QUIET, TRAIN_SCRIPT, assert_one_line_error, child_env, free_port, ok, python, read_json
+from conftest import (QUIET, TRAIN_SCRIPT, CodeRunningPayload, assert_one_line_error, child_env, free_port, ok, python,
+                      read_json)
 
 SLOW_STEPS = "delay,rank=0,seconds=0.1"  # MNIST_DIST_FAULT: every step of rank 0 takes 0.1 s longer
 
@@ -132,13 +133,8 @@ def test_when_no_checkpoint_can_be_used_the_run_does_not_start_afresh(four_check
 
 def test_a_malicious_checkpoint_runs_no_code_and_the_refusal_is_one_whole_line(small_mnist, tmp_path, cli):
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
     bad = tmp_path / "bad.pt"
-    torch.save({"format": "mnist-dist-checkpoint", "model": Payload()}, bad)
+    torch.save({"format": "mnist-dist-checkpoint", "model": CodeRunningPayload(marker)}, bad)
     result = cli(*args(small_mnist, tmp_path / "run", "--resume", str(bad)))
     line = assert_one_line_error(result, "a weights-only load refuses", "system", "not written by mnist-dist")
     assert "weights_only=False" not in line and not marker.exists()

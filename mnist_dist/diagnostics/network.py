@@ -2,10 +2,12 @@
 
 After a barrier that names absent ranks, every rank runs one small all_reduce whose sum is checked
 (and timed: the latency), then a short bandwidth probe (an all_reduce of 4 MiB on the CPU, 64 MiB on
-CUDA, timed five times), and says which socket interface its backend talks through:
+CUDA, smaller on a slow link, timed five times; none at one rank), measures each host's link to rank 0's host (round trip and
+bandwidth, ``host_links``), and says which socket interface its backend talks through:
 ``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME`` when set, else what gloo uses by default (the
 address this host's name resolves to) or "chosen by NCCL". The result goes into ``config.json``
-(``network``) and one log line. Bus bandwidth follows nccl-tests: ``algbw * 2 (n - 1) / n``.
+(``network``) and one log line, plus a warning for high latency or low bandwidth (``warnings_of``).
+Bus bandwidth follows nccl-tests: ``algbw * 2 (n - 1) / n``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..addresses import interface_addresses
 from ..errors import RankFailure
 
 REPEATS = 5
+PROBE_TARGET_S = 0.25  # the bandwidth probe stops growing once one all_reduce takes this long
 HIGH_LATENCY_MS = 5.0  # a one-number all_reduce or a round trip this slow is warned about (a LAN: < 1 ms)
 LOW_BANDWIDTH_GBPS = 0.125  # 1 Gbit/s: below it the gradients' all_reduce dominates a step
 
@@ -64,12 +67,7 @@ def probe(rank: int, world_size: int, device, backend: str) -> dict[str, Any]:
                           f"{float(small.item())}, expected {expected} (world size {world_size})")
     small.fill_(1.0)
     latency = statistics.median(_timed_all_reduce(small, REPEATS))
-    nbytes = (64 if device.type == "cuda" else 4) * 2 ** 20
-    seconds = None
-    if world_size > 1:
-        big = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-        _timed_all_reduce(big, 1)  # warm-up: buffers, connections
-        seconds = statistics.median(_timed_all_reduce(big, REPEATS))
+    nbytes, seconds = bandwidth(device) if world_size > 1 else (64 * 2 ** 10, None)
     ranks: list[Any] = [None] * world_size
     dist.all_gather_object(ranks, {"host": socket.gethostname(), "pid": os.getpid(), **interface(backend)})
     algbw = nbytes / seconds if seconds else None
@@ -86,6 +84,24 @@ def probe(rank: int, world_size: int, device, backend: str) -> dict[str, Any]:
         "hosts": host_links(rank, ranks, device, nbytes),
         "ranks": ranks,
     }
+
+
+def bandwidth(device) -> tuple[int, float]:
+    """(bytes, median seconds of ``REPEATS`` all_reduces of that many): the size grows 4x from 64 KiB to
+    4 MiB (64 MiB on CUDA) while one all_reduce takes under ``PROBE_TARGET_S`` on every rank, so that
+    a distant link costs seconds, not minutes (gloo's ring waits a round trip per chunk: 4 MiB took
+    22 s at a 30 ms delay). The first all_reduce of each size is the warm-up (buffers, connections)."""
+    import torch
+    import torch.distributed as dist
+
+    largest, nbytes = (64 if device.type == "cuda" else 4) * 2 ** 20, 64 * 2 ** 10
+    while True:
+        big = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+        took = torch.tensor(_timed_all_reduce(big, 1), dtype=torch.float64, device=device)
+        dist.all_reduce(took, op=dist.ReduceOp.MAX)  # one decision for all ranks
+        if float(took.item()) >= PROBE_TARGET_S or nbytes >= largest:
+            return nbytes, statistics.median(_timed_all_reduce(big, REPEATS))
+        nbytes *= 4
 
 
 def host_links(rank: int, ranks: list[dict[str, Any]], device, nbytes: int) -> list[dict[str, Any]]:
@@ -165,7 +181,9 @@ def describe(result: dict[str, Any]) -> str:
     first = result["ranks"][0] or {}
     names = sorted({f"{r.get('interface') or '?'}" for r in result["ranks"] if r})
     how = first.get("chosen_by", "?")
-    bandwidth = (f"{result['bandwidth_bytes'] / 2 ** 20:.0f} MiB all_reduce {result['bandwidth_ms']:.3g} ms = "
+    size = result.get("bandwidth_bytes") or 0
+    size_text = f"{size / 2 ** 20:.0f} MiB" if size >= 2 ** 20 else f"{size / 2 ** 10:.0f} KiB"
+    bandwidth = (f"{size_text} all_reduce {result['bandwidth_ms']:.3g} ms = "
                  f"{result['busbw_gbps']:.3g} GB/s bus bandwidth (median of {result['bandwidth_repeats']})"
                  if result.get("busbw_gbps") is not None else "no bandwidth at one rank")
     hosts = []

@@ -52,8 +52,8 @@ def cut_off_lines(rank: int, host: str, address: str, lost: float, failed: str, 
             f"answer for {lost:.0f} s), and {failed}",
             f"this host ({host}) is cut off from the other ranks (a network partition), or the store's host is "
             f"down; the reports on the other side name the ranks they lost",
-            f"if the store's host is down the job cannot go on, even elastic (--nnodes=MIN:MAX): c10d's rendezvous "
-            f"lives in the torchrun agent at {address}; run the job again with --resume auto (it resumes from the "
-            f"newest checkpoint on any host), or keep the rendezvous on a host that does not train "
-            f"(docs/launching.md, \"Elastic across hosts\")",
+            f"the store is served by torchrun's agent on rank 0's host: an elastic job (--nnodes=MIN:MAX) goes on "
+            f"without that host while the --rdzv-endpoint's host is up, resuming from the newest checkpoint on any "
+            f"host; losing the endpoint's host ends it: run it again with --resume auto, or keep the rendezvous on "
+            f"a host that does not train (docs/checkpoints.md, \"The store's host\")",
             *(f"rank {other}: unreachable from here" for other in others)]

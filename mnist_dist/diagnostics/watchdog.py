@@ -8,7 +8,9 @@
 * Under a launcher, a thread samples where the main thread is (its innermost ``mnist_dist`` frame and
   the step) every half second and publishes a heartbeat every ``--dist-timeout``/10 s
   (``heartbeat.py``). When the main thread makes no progress for 90% of ``--dist-timeout`` it
-  writes a stall dump (header + all stacks + Flight Recorder) and one warning line.
+  writes a stall dump (header + all stacks + Flight Recorder) and one warning line. A collective that
+  waited ``HEALED_AFTER`` s or more and then went on (a network stall that healed) is one warning line
+  and a ``healed-stall`` event.
 * When a collective fails (gloo's timeout, a peer that closed its connection, a monitored barrier
   that names absentees), the failure is turned into a report: which ranks are missing (their
   heartbeat is old or does not advance; or the barrier named them), where each rank was (its last

@@ -23,6 +23,7 @@ from ..diagnostics.stacks import describe, parse_dumps
 from ..errors import UserError
 from .arguments import add_location_args
 
+MAX_WORLD = 2 ** 20  # ranks doctor lists at most: a damaged file's world size is refused, not looped over
 RUN_FILES = ("config.json", "debug", "metrics.jsonl", "summary.json")  # any of them: a run directory
 
 
@@ -53,8 +54,13 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
                if p.stem.split("-")[1].isdigit() and (doc := _load(p))}
     dumps = {int(p.stem.split("-")[1]): parse_dumps(p.read_text(errors="replace"))
              for p in sorted(debug.glob("rank-*.txt")) if p.stem.split("-")[1].isdigit()}
-    world = max([config.get("world_size") or 0] + [d.get("world_size", 0) for d in reports.values()]
-                + [r + 1 for r in list(reports) + list(dumps)])
+    sizes = [config.get("world_size") or 0] + [d.get("world_size", 0) for d in reports.values()]
+    if not all(isinstance(n, int) and 0 <= n <= MAX_WORLD for n in sizes):
+        raise UserError(f"{run_dir}: a world size in config.json or debug/rank-*.json is not an integer in "
+                        f"0..{MAX_WORLD} ({', '.join(map(repr, sizes))}); the file is damaged")
+    world = max(sizes + [r + 1 for r in list(reports) + list(dumps)])
+    if world > MAX_WORLD:
+        raise UserError(f"{run_dir}/debug names rank {world - 1}, more than doctor reads ({MAX_WORLD} ranks)")
     failures = [dict(e, rank=r) for r, d in reports.items() for e in d.get("events", []) if e["kind"] == "failure"]
     missing_by: dict[int, list[int]] = {}
     seen: dict[int, dict[str, Any]] = {}  # the newest heartbeat of each rank that any report holds
