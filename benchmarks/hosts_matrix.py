@@ -15,6 +15,11 @@ Columns: how each side ended (host A's torchrun, host B's rank, host B's torchru
 ``--agent-wait`` s after both ranks ended, then killed) and how many seconds after the fault (the
 no-fault row: after the first checkpoint); the run's training seconds and test accuracy when it finished; and the
 first line of each side's report. Prints a Markdown table (docs/launching.md, "Across hosts").
+
+The scenarios (``SCENARIOS``, a second table): two or three hosts, elastic jobs (``--nnodes=1:2``,
+``--resume auto``) where a host is killed or partitioned, the rendezvous store on a training host or on
+one that trains not, host names on loopback or on an unreachable second NIC; with each host's torchrun
+exit, the world sizes, the step the survivor resumed at and the steps lost (``summary.json``).
 """
 
 from __future__ import annotations
