@@ -255,6 +255,105 @@ def scenario_table(results: list[dict], timeout: float) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- SLURM across the namespaces
+SLURM_ROWS = {
+    "slurm": "slurm/train.sbatch, 2 nodes = hosts A and B, no fault",
+    "slurm-partition": "slurm/train.sbatch, 2 nodes = hosts A and B, host B partitioned",
+}
+
+
+def netns_slurm(hosts: Hosts, root: Path):
+    """tests/slurm_cluster.py's cluster with its daemons on the simulated hosts: slurmctld on host
+    "ctl", node1's slurmd on host A, node2's on host B (munged and the shared filesystem as they are)."""
+    from slurm_cluster import SlurmCluster
+
+    class NetnsSlurm(SlurmCluster):
+        where = {"slurmctld": "ctl", "node1": "host-a", "node2": "host-b"}
+
+        def _spawn(self, name: str, args: list[str], user: str | None = None) -> None:
+            if name in self.where:  # the host's network, name and /etc/hosts, but this machine's /sys (slurmd
+                host = self.where[name]  # needs its cgroups; `ip netns exec` would mount a sysfs of its own)
+                ns = hosts.ns(host)
+                args = ["nsenter", f"--net=/run/netns/{ns}", "unshare", "--uts", "--mount", "--propagation", "private",
+                        "sh", "-c", 'hostname "$1" && mount --bind "$2" /etc/hosts && shift 2 && exec "$@"', "sh",
+                        host, f"/etc/netns/{ns}/hosts", *args]
+            super()._spawn(name, args, user)
+
+        def _write_config(self) -> None:
+            super()._write_config()
+            text = self.conf.read_text().splitlines()
+            lines = [line for line in text if not line.startswith(("SlurmctldHost=", "SlurmctldPort=", "NodeName="))]
+            lines += [f"SlurmctldHost=ctl({hosts.address['ctl']})", "SlurmctldPort=6817",
+                      *(f"NodeName=node{i} NodeHostname=host-{c} NodeAddr={hosts.address['host-' + c]} Port=6818 "
+                        f"CPUs={self.cpus} State=UNKNOWN" for i, c in ((1, "a"), (2, "b")))]
+            self.conf.write_text("\n".join(lines) + "\n")
+
+        def run(self, *args: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
+            proc = subprocess.run(hosts.command("ctl", list(args)), capture_output=True, text=True, timeout=timeout,
+                                  env=self.env(), stdin=subprocess.DEVNULL)
+            if check and proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+            return proc
+
+    return NetnsSlurm(root, nodes=2, cpus=2)
+
+
+def run_slurm(root: Path, data: Path, row: str, timeout: float) -> dict:
+    """One SLURM row: the job submitted from host "ctl" (its run directory on the shared filesystem),
+    host B partitioned at the first checkpoint for "slurm-partition"; the job's state and exit code, when
+    it ended, and the first error line of each node in the job's log."""
+    import tempfile as tmp
+
+    folder = Path(tmp.mkdtemp(prefix=f"{row}-", dir=root))
+    for path in (root, folder):  # not 0700: munged (its own user) walks them to its socket
+        os.chmod(path, 0o755)
+    with Hosts(folder / "hosts", ["ctl", "host-a", "host-b"]) as hosts:
+        with netns_slurm(hosts, folder / "slurm") as cluster:
+            runs, log = folder / "runs", folder / "job.out"
+            env = cluster.env({k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")},
+                              PYTHON=sys.executable, RUNS_DIR=str(runs), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
+                              MNIST_DIST_ALLOW_SUBSET="1", WANDB_MODE="offline", MNIST_DIST_FAULT=SLOW)
+            submit = subprocess.run(hosts.command("ctl", [
+                "sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1", f"--output={log}",
+                str(REPO / "slurm" / "train.sbatch"), "--data-dir", str(data), "--dist-timeout", str(timeout),
+                "--epochs", "1", "--batch-size", "64", "--checkpoint-every", "10", "--no-progress", "--no-plots",
+                "--no-export"]), capture_output=True, text=True, env=env, timeout=60)
+            job = submit.stdout.strip().split(";")[0]
+            started, fault_at, info, ran = time.monotonic(), None, {}, False
+            while time.monotonic() - started < timeout + 400:
+                info = cluster.job_info(job)
+                ran = ran or info.get("JobState") == "RUNNING"
+                if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+                    break
+                if ran and info.get("JobState") in ("PENDING", "REQUEUED"):  # SLURM requeued it (a node failed)
+                    info["JobState"] = f"requeued by SLURM ({info.get('Reason', '?')})"
+                    break
+                if fault_at is None and list(runs.glob("*/checkpoints/step-*.pt")):
+                    fault_at = time.monotonic()
+                    if row == "slurm-partition":
+                        hosts.partition("host-b")
+                time.sleep(0.5)
+            ended = time.monotonic() - (fault_at or started)
+            text = log.read_text(errors="replace") if log.is_file() else submit.stderr
+            summaries = [json.loads(f.read_text()) for f in runs.glob("*/summary.json")]
+            configs = [json.loads(f.read_text()) for f in runs.glob("*/config.json")]
+    errors = [line for line in text.splitlines() if "error: " in line]
+    return {"row": row, "what": SLURM_ROWS[row], "state": info.get("JobState", "?"), "exit": info.get("ExitCode"),
+            "seconds": ended, "accuracy": summaries[0]["test_accuracy"] if summaries else None,
+            "hosts": ", ".join(configs[0].get("hostnames") or []) if configs else None,
+            "errors": [first_error(e) or e.split("error: ", 1)[1][:120] for e in errors[:2]]}
+
+
+def slurm_table(results: list[dict], timeout: float) -> str:
+    lines = [f"| SLURM (--dist-timeout {timeout:g}) | job state, exit code | s after the fault (the first checkpoint) | "
+             f"hosts | test acc | the first error lines |", "|---|---|---:|---|---:|---|"]
+    for r in results:
+        acc = f"{r['accuracy']:.2%}" if r["accuracy"] is not None else "—"
+        lines.append(f"| {r['what']} | {r['state']}, {r['exit']} | {r['seconds']:.0f} | {r['hosts'] or '—'} | {acc} | "
+                     f"{'; '.join(r['errors']) or '—'} |")
+    return "\n".join(lines)
+
+
 def cell(end: tuple) -> str:
     code, seconds = end
     if code == "blocked":
@@ -276,7 +375,7 @@ def table(results: list[dict], timeout: float) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dist-timeout", type=float, default=20.0)
-    parser.add_argument("--only", default="", help=f"comma-separated rows of: {', '.join([*ROWS, *SCENARIOS])}")
+    parser.add_argument("--only", default="", help=f"comma-separated rows of: {', '.join([*ROWS, *SCENARIOS, *SLURM_ROWS])}")
     parser.add_argument("--agent-wait", type=float, default=60.0,
                         help="seconds to wait for host B's torchrun after both ranks ended (the retries2 row: 180)")
     parser.add_argument("--keep", default="", help="keep every row's hosts' files and logs under this directory")
@@ -295,8 +394,12 @@ def main() -> int:
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="hosts-matrix-"))
     try:
         data = make_small_mnist(root / "small", real)
-        results, scenarios = [], []
+        results, scenarios, slurm = [], [], []
         for row in rows:
+            if row in SLURM_ROWS:
+                slurm.append(run_slurm(root, data, row, args.dist_timeout))
+                print(f"{row}: {slurm[-1]['state']} {slurm[-1]['exit']}", file=sys.stderr, flush=True)
+                continue
             if row in SCENARIOS:
                 scenarios.append(run_scenario(root, data, row, args.dist_timeout))
                 print(f"{row}: {scenarios[-1]['ends']}", file=sys.stderr, flush=True)
@@ -312,6 +415,8 @@ def main() -> int:
         print(table(results, args.dist_timeout))
     if scenarios:
         print(scenario_table(scenarios, args.dist_timeout))
+    if slurm:
+        print(slurm_table(slurm, args.dist_timeout))
     return 0
 
 
