@@ -354,6 +354,74 @@ def slurm_table(results: list[dict], timeout: float) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- Ray across the namespaces
+RAY_ROWS = {
+    "ray": "python -m mnist_dist ray, 2 workers on hosts A and B, no fault",
+    "ray-partition": "python -m mnist_dist ray, 2 workers on hosts A and B, host B partitioned",
+}
+
+
+def run_ray(root: Path, data: Path, row: str, timeout: float) -> dict:
+    """One Ray row: a Ray head on host A and a node on host B (one CPU each, so one worker on each), the
+    driver on host A (``--max-failures 0``), the run directory and Ray's storage on the shared
+    filesystem; host B partitioned at the first checkpoint for "ray-partition"."""
+    import tempfile as tmp
+
+    folder = Path(tmp.mkdtemp(prefix=f"{row}-", dir=root))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0", MNIST_DIST_ALLOW_SUBSET="1",
+               WANDB_MODE="offline", PYTHONUNBUFFERED="1", MNIST_DIST_FAULT=SLOW)
+    ray = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--num-cpus=1", "--num-gpus=0",
+           "--disable-usage-stats"]
+    with Hosts(folder / "hosts", ["host-a", "host-b"]) as hosts:
+        for name, extra in (("host-a", ["--head", "--port=6379", "--include-dashboard=false"]),
+                            ("host-b", [f"--address={hosts.address['host-a']}:6379"])):
+            temp = Path(tmp.mkdtemp(prefix="r", dir="/tmp"))  # short: Ray's socket paths have a limit
+            with open(folder / f"ray-{name}.log", "w") as log:
+                hosts.popen(name, [*ray, f"--node-ip-address={hosts.address[name]}", f"--temp-dir={temp}", *extra],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 120
+            while "Ray runtime started" not in (folder / f"ray-{name}.log").read_text() and time.monotonic() < deadline:
+                time.sleep(0.5)
+        run = folder / "run"
+        with open(folder / "driver.log", "w") as log:
+            driver = hosts.popen("host-a", [
+                sys.executable, "-m", "mnist_dist", "ray", "--num-workers", "2", "--address",
+                f"{hosts.address['host-a']}:6379", "--storage", str(folder / "storage"), "--data-dir", str(data),
+                "--out-dir", str(run), "--dist-timeout", str(timeout), "--epochs", "1", "--batch-size", "64",
+                "--checkpoint-every", "10", "--threads", "1", "--no-progress", "--no-plots", "--no-export"],
+                env=env, stdout=log, stderr=subprocess.STDOUT)
+        started = time.monotonic()
+        while not list(run.glob("checkpoints/step-*.pt")) and driver.poll() is None and time.monotonic() - started < 300:
+            time.sleep(0.1)
+        fault_at = time.monotonic()
+        if row == "ray-partition":
+            hosts.partition("host-b")
+        try:
+            driver.wait(timeout=timeout + 300)
+            code: int | str = driver.returncode
+        except subprocess.TimeoutExpired:
+            code = "blocked"
+        seconds = time.monotonic() - fault_at
+        text = (folder / "driver.log").read_text(errors="replace")
+        summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+        config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    errors = [line.split("error: ", 1)[1] for line in text.splitlines() if line.startswith("error: ")]
+    return {"row": row, "what": RAY_ROWS[row], "code": code, "seconds": seconds,
+            "hosts": ", ".join(config.get("hostnames") or []), "accuracy": summary.get("test_accuracy"),
+            "error": errors[0][:200] if errors else ""}
+
+
+def ray_table(results: list[dict], timeout: float) -> str:
+    lines = [f"| Ray (--dist-timeout {timeout:g}) | driver | s after the fault (the first checkpoint) | hosts | test acc | "
+             f"the driver's error line |", "|---|---|---:|---|---:|---|"]
+    for r in results:
+        acc = f"{r['accuracy']:.2%}" if r["accuracy"] is not None else "—"
+        lines.append(f"| {r['what']} | exit {r['code']} | {r['seconds']:.0f} | {r['hosts'] or '—'} | {acc} | "
+                     f"{r['error'] or '—'} |")
+    return "\n".join(lines)
+
+
 def cell(end: tuple) -> str:
     code, seconds = end
     if code == "blocked":
@@ -375,7 +443,7 @@ def table(results: list[dict], timeout: float) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dist-timeout", type=float, default=20.0)
-    parser.add_argument("--only", default="", help=f"comma-separated rows of: {', '.join([*ROWS, *SCENARIOS, *SLURM_ROWS])}")
+    parser.add_argument("--only", default="", help=f"comma-separated rows of: {', '.join([*ROWS, *SCENARIOS, *SLURM_ROWS, *RAY_ROWS])}")
     parser.add_argument("--agent-wait", type=float, default=60.0,
                         help="seconds to wait for host B's torchrun after both ranks ended (the retries2 row: 180)")
     parser.add_argument("--keep", default="", help="keep every row's hosts' files and logs under this directory")
@@ -394,8 +462,12 @@ def main() -> int:
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="hosts-matrix-"))
     try:
         data = make_small_mnist(root / "small", real)
-        results, scenarios, slurm = [], [], []
+        results, scenarios, slurm, ray = [], [], [], []
         for row in rows:
+            if row in RAY_ROWS:
+                ray.append(run_ray(root, data, row, args.dist_timeout))
+                print(f"{row}: {ray[-1]['code']} {ray[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)
+                continue
             if row in SLURM_ROWS:
                 slurm.append(run_slurm(root, data, row, args.dist_timeout))
                 print(f"{row}: {slurm[-1]['state']} {slurm[-1]['exit']}", file=sys.stderr, flush=True)
@@ -417,6 +489,8 @@ def main() -> int:
         print(scenario_table(scenarios, args.dist_timeout))
     if slurm:
         print(slurm_table(slurm, args.dist_timeout))
+    if ray:
+        print(ray_table(ray, args.dist_timeout))
     return 0
 
 
