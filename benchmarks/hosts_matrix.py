@@ -244,15 +244,11 @@ def run_scenario(root: Path, data: Path, name: str, timeout: float) -> dict:
 
 
 def scenario_table(results: list[dict], timeout: float) -> str:
-    lines = [f"| scenario (--dist-timeout {timeout:g}) | each host's torchrun | world sizes | resumed at step "
-             f"(steps lost) | test acc | the first error line of each host |", "|---|---|---|---|---:|---|"]
-    for r in results:
-        ends = "; ".join(f"{h[-1].upper()}: {cell(e)}" for h, e in r["ends"].items())
-        resumed = f"{r['resumed_at']} ({r['lost']})" if r["resumed_at"] is not None else "—"
-        acc = f"{r['accuracy']:.2%}" if r["accuracy"] is not None else "—"
-        said = "; ".join(f"{h[-1].upper()}: {t}" for h, t in r["reports"].items() if t) or "—"
-        lines.append(f"| {r['what']} | {ends} | {r['world_sizes'] or '—'} | {resumed} | {acc} | {said} |")
-    return "\n".join(lines)
+    return markdown([f"scenario (--dist-timeout {timeout:g})", "each host's torchrun", "world sizes",
+                     "resumed at step (steps lost)", "test acc", "the first error line of each host"], {4}, [
+        [r["what"], "; ".join(f"{h[-1].upper()}: {cell(e)}" for h, e in r["ends"].items()), r["world_sizes"],
+         f"{r['resumed_at']} ({r['lost']})" if r["resumed_at"] is not None else None, percent(r["accuracy"]),
+         "; ".join(f"{h[-1].upper()}: {t}" for h, t in r["reports"].items() if t)] for r in results])
 
 
 # ----------------------------------------------------------------------------- SLURM across the namespaces
@@ -345,13 +341,10 @@ def run_slurm(root: Path, data: Path, row: str, timeout: float) -> dict:
 
 
 def slurm_table(results: list[dict], timeout: float) -> str:
-    lines = [f"| SLURM (--dist-timeout {timeout:g}) | job state, exit code | s after the fault (the first checkpoint) | "
-             f"hosts | test acc | the first error lines |", "|---|---|---:|---|---:|---|"]
-    for r in results:
-        acc = f"{r['accuracy']:.2%}" if r["accuracy"] is not None else "—"
-        lines.append(f"| {r['what']} | {r['state']}, {r['exit']} | {r['seconds']:.0f} | {r['hosts'] or '—'} | {acc} | "
-                     f"{'; '.join(r['errors']) or '—'} |")
-    return "\n".join(lines)
+    return markdown([f"SLURM (--dist-timeout {timeout:g})", "job state, exit code",
+                     "s after the fault (the first checkpoint)", "hosts", "test acc", "the first error lines"], {2, 4}, [
+        [r["what"], f"{r['state']}, {r['exit']}", f"{r['seconds']:.0f}", r["hosts"], percent(r["accuracy"]),
+         "; ".join(r["errors"])] for r in results])
 
 
 # ----------------------------------------------------------------------------- Ray across the namespaces
@@ -413,13 +406,21 @@ def run_ray(root: Path, data: Path, row: str, timeout: float) -> dict:
 
 
 def ray_table(results: list[dict], timeout: float) -> str:
-    lines = [f"| Ray (--dist-timeout {timeout:g}) | driver | s after the fault (the first checkpoint) | hosts | test acc | "
-             f"the driver's error line |", "|---|---|---:|---|---:|---|"]
-    for r in results:
-        acc = f"{r['accuracy']:.2%}" if r["accuracy"] is not None else "—"
-        lines.append(f"| {r['what']} | exit {r['code']} | {r['seconds']:.0f} | {r['hosts'] or '—'} | {acc} | "
-                     f"{r['error'] or '—'} |")
-    return "\n".join(lines)
+    return markdown([f"Ray (--dist-timeout {timeout:g})", "driver", "s after the fault (the first checkpoint)", "hosts",
+                     "test acc", "the driver's error line"], {2, 4}, [
+        [r["what"], f"exit {r['code']}", f"{r['seconds']:.0f}", r["hosts"], percent(r["accuracy"]), r["error"]]
+        for r in results])
+
+
+def markdown(header: list[str], right: set[int], rows: list[list]) -> str:
+    """A Markdown table: the header, columns ``right``-aligned by index, ``None`` or "" shown as "—"."""
+    rule = "|".join("---:" if i in right else "---" for i in range(len(header)))
+    cells = [[("—" if c in (None, "") else str(c)) for c in row] for row in rows]
+    return "\n".join([f"| {' | '.join(header)} |", f"|{rule}|", *(f"| {' | '.join(row)} |" for row in cells)])
+
+
+def percent(x: float | None) -> str | None:
+    return f"{x:.2%}" if x is not None else None
 
 
 def cell(end: tuple) -> str:
@@ -430,14 +431,11 @@ def cell(end: tuple) -> str:
 
 
 def table(results: list[dict], timeout: float) -> str:
-    lines = [f"| fault (--dist-timeout {timeout:g}) | host A torchrun | host B rank | host B torchrun | "
-             f"training s | test acc | host A says | host B says |", "|---|---|---|---|---:|---:|---|---|"]
-    for r in results:
-        acc = f"{r['accuracy']:.2%}" if r["accuracy"] is not None else "—"
-        secs = f"{r['train_seconds']:.1f}" if r["train_seconds"] is not None else "—"
-        lines.append(f"| {r['what']} | {cell(r['ends']['a'])} | {cell(r['ends']['rank b'])} | "
-                     f"{cell(r['ends']['b'])} | {secs} | {acc} | {r['report_a'] or '—'} | {r['report_b'] or '—'} |")
-    return "\n".join(lines)
+    return markdown([f"fault (--dist-timeout {timeout:g})", "host A torchrun", "host B rank", "host B torchrun",
+                     "training s", "test acc", "host A says", "host B says"], {4, 5}, [
+        [r["what"], cell(r["ends"]["a"]), cell(r["ends"]["rank b"]), cell(r["ends"]["b"]),
+         f"{r['train_seconds']:.1f}" if r["train_seconds"] is not None else None, percent(r["accuracy"]),
+         r["report_a"], r["report_b"]] for r in results])
 
 
 def main() -> int:
