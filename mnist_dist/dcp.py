@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from .dist import DistEnv, all_reduce_sum, broadcast_object, gather_objects
+from .dist import DistEnv, all_reduce_sum, gather_objects
 from .errors import UserError
 
 RUN_FILE, CHECKSUMS = "run.pt", "checksums.json"
@@ -106,19 +106,10 @@ def file_digests(folder: Path, names: list[str]) -> dict[str, str]:
 
 def check_shared_storage(out_dir: str | os.PathLike, env: DistEnv) -> None:
     """Every rank must see rank 0's checkpoint directory (a file rank 0 just wrote); one line if not."""
-    if not env.distributed:
-        return
+    from .outputs.shared import blind_ranks
+
     folder = Path(out_dir) / "checkpoints"
-    probe = None
-    if env.is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".shared-{os.getpid()}"
-        probe.write_text("")
-    probe = broadcast_object(probe, env)
-    blind = [r for r, seen in enumerate(gather_objects(Path(probe).is_file(), env)) if not seen]
-    env.barrier()
-    if env.is_main:
-        Path(probe).unlink(missing_ok=True)
+    blind = blind_ranks(folder, env)
     if blind:
         raise UserError(f"--checkpoint-format dcp needs storage every rank sees, but rank(s) "
                         f"{', '.join(map(str, blind))} do not see {folder}; put --out-dir on shared storage, "

@@ -1,7 +1,7 @@
 """Checkpoints of a job that spans hosts, and of its elastic restarts (``Checkpoints.for_run`` picks
 ``ElasticCheckpoints`` for a run with more than one host, or one that torchrun restarted).
 
-* **A copy on every host.** At start-up (a collective) rank 0 writes a probe file into its checkpoint
+* **A copy on every host.** At start-up (a collective) rank 0 writes a probe file (``outputs/shared.py``) into its checkpoint
   directory and the first rank of every host says whether it sees it. The hosts that do not (no
   shared filesystem) keep a copy of every full checkpoint: rank 0 broadcasts the state it writes, and
   their first ranks write the same file, with the same checksum, under the same ``--out-dir``. Losing
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import socket
 from pathlib import Path
 from typing import Any
@@ -33,30 +32,15 @@ import torch
 
 from .checkpoint import Checkpoints, Stateful, checkpoint_dir, list_checkpoints, save
 from .console import log, warn
-from .dist import DistEnv, broadcast_object, gather_objects
+from .dist import DistEnv, gather_objects
 from .errors import UserError
+from .outputs.shared import blind_ranks
 
 
 def restart_count() -> int:
     """0 for the first start of the worker group, 1 after torchrun's first restart, ..."""
     raw = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return int(raw) if raw.isdigit() else 0
-
-
-def private_hosts(out_dir: str | os.PathLike, env: DistEnv) -> list[int]:
-    """The first rank of every host that does not see rank 0's checkpoint directory (a collective)."""
-    probe = None
-    if env.is_main:
-        folder = checkpoint_dir(out_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".shared-{secrets.token_hex(6)}"
-        probe.write_text("")
-    probe = broadcast_object(probe, env)
-    seen = gather_objects(not env.is_local_main or Path(probe).is_file(), env)
-    env.barrier()
-    if env.is_main:
-        Path(probe).unlink(missing_ok=True)
-    return [rank for rank, sees in enumerate(seen) if not sees]
 
 
 def cpu_copy(state: Any) -> Any:
@@ -121,7 +105,7 @@ class ElasticCheckpoints(Checkpoints):
         self.copies: list[int] = []  # ranks (a host's first) that keep their own copy of each checkpoint
         self.copy_group = None  # rank 0 and those ranks: the checkpoint's state is broadcast to them only
         if env.distributed and env.world_size > env.local_world_size and cfg.checkpoint_format == "full":
-            self.copies = private_hosts(cfg.out_dir, env)
+            self.copies = blind_ranks(checkpoint_dir(cfg.out_dir), env, hosts_only=True)
             if self.copies:  # a collective: every rank makes the group, its members use it
                 self.copy_group = torch.distributed.new_group(ranks=[0, *self.copies])
         hosts = gather_objects(socket.gethostname(), env)
