@@ -180,6 +180,14 @@ def make_fake_mnist(root: Path, n_train: int = 60000, n_test: int = 10000, seed:
     return root
 
 
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    """A copy of a finished run at ``tmp_path/run`` without its summary.json: a run to resume."""
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    (out / "summary.json").unlink()
+    return out
+
+
 class CodeRunningPayload:
     """What a crafted pickle (a checkpoint, a DCP ``.metadata``) would carry: unpickling it runs
     ``touch MARKER`` through ``os.system``, so whether a reader ran it shows on disk."""

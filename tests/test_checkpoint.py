@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (QUIET, TRAIN_SCRIPT, assert_one_line_error, child_env, free_port, ok, read_json, read_jsonl, torchrun)
+from conftest import (QUIET, TRAIN_SCRIPT, assert_one_line_error, child_env, copy_of, free_port, ok, read_json, read_jsonl, torchrun)
 from mnist_dist import checkpoint
 
 # On the small MNIST (6,000 images): 15 steps per epoch, 2 epochs: a resume from step 20 is mid-epoch
@@ -107,9 +106,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(straight_run, s
 
 @pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back_with_a_warning(straight_run, small_mnist, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(straight_run, out)
-    (out / "summary.json").unlink()
+    out = copy_of(straight_run, tmp_path)
     newest = out / "checkpoints" / "step-00000030.pt"
     newest.write_bytes(newest.read_bytes()[:1000])
     # the crash also cut the logs' last writes short: torn lines, no newline

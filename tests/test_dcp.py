@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CodeRunningPayload, assert_one_line_error, child_env, ok, python, read_json, torchrun
+from conftest import CodeRunningPayload, assert_one_line_error, child_env, copy_of, ok, python, read_json, torchrun
 from mnist_dist import checkpoint, dcp
 from test_checkpoint import FLAGS, assert_bitwise_equal
 from test_checkpoint import train_flags as train
@@ -91,9 +91,7 @@ def test_async_checkpoint_needs_dcp(small_mnist, tmp_path, cli):
 
 @pytest.mark.slow
 def test_a_changed_shard_is_caught_by_the_checksums(async_run, small_mnist, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(async_run, out)
-    (out / "summary.json").unlink()
+    out = copy_of(async_run, tmp_path)
     newest = out / "checkpoints" / "step-00000030"
     shard = sorted(newest.glob("*.distcp"))[0]
     data = bytearray(shard.read_bytes())

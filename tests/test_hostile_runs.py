@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (QUIET, TRAIN_SCRIPT, CodeRunningPayload, assert_one_line_error, child_env, free_port, ok, python,
-                      read_json)
+from conftest import (QUIET, TRAIN_SCRIPT, CodeRunningPayload, assert_one_line_error, child_env, copy_of, free_port, ok,
+                      python, read_json)
 
 SLOW_STEPS = "delay,rank=0,seconds=0.1"  # MNIST_DIST_FAULT: every step of rank 0 takes 0.1 s longer
 
@@ -33,13 +33,6 @@ def four_checkpoints(reference_runs, small_mnist) -> Path:
     """A finished 40-step run with checkpoints at steps 10, 20, 30 and 40 (copy it before changing it)."""
     return reference_runs.get(*QUIET, "--data-dir", str(small_mnist), "--epochs", "2", "--max-steps", "40",
                               "--checkpoint-every", "10", "--keep", "0")
-
-
-def copy_of(run: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "run"
-    shutil.copytree(run, out)
-    (out / "summary.json").unlink()
-    return out
 
 
 def resave(path: Path, change, digest: bool = True) -> None:
